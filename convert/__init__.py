@@ -1,0 +1,1 @@
+"""Checkpoint conversion: `python -m glm4_jax.convert SRC DST`."""

@@ -1,0 +1,2 @@
+def main(): print("stub")
+if __name__ == "__main__": main()

@@ -1,0 +1,286 @@
+"""The GLM-4 decoder in Flax NNX, readable top to bottom.
+
+Einsum letters:
+    B batch, T query length, S key length (cache slots), D model width (hidden_size), N query heads,
+    K kv heads, G query heads per kv head (N = K * G), H head dim, F ffn width, V vocabulary, L layers.
+
+Every parameter carries its logical axis names in the `axes` metadata of its `nnx.Param`; the sharding rules in
+`glm4_jax.sharding` map those names to mesh axes. The layers are stacked along a leading L axis and run under
+`jax.lax.scan`, so compile time does not grow with depth.
+
+Positions and padding: each token comes with a position (0 at a sequence's first real token); a negative
+position marks padding. A query attends to the keys of its own row whose position is in [0, its own position],
+so left-padded batches need no separate mask, and cached decode uses the same rule against the positions
+stored in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm4_jax.config import Config
+
+Array = jax.Array
+
+# A finite "minus infinity": a row whose keys are all masked (a padding query) gets uniform weights, not NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# ---- parameters ---------------------------------------------------------------------------------------------
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Layers(nnx.Module):
+    """The weights of all decoder layers, stacked along a leading L axis."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        L, D, N, K, H, F = (
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        )
+        dt = jnp.dtype(cfg.dtype)
+
+        def p(shape, axes, init="normal"):
+            assert len(shape) == len(axes)
+            value = jnp.ones(shape, dt) if init == "ones" else _normal(rngs, shape, dt)
+            return nnx.Param(value, axes=axes)
+
+        self.attn_norm = p((L, D), ("layers", "norm"), "ones")
+        self.q = p((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"))
+        self.k = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        if cfg.attention_bias:
+            self.q_bias = p((L, N, H), ("layers", "q_heads", "head_dim"))
+            self.k_bias = p((L, K, H), ("layers", "kv_heads", "head_dim"))
+            self.v_bias = p((L, K, H), ("layers", "kv_heads", "head_dim"))
+        self.o = p((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"))
+        self.mlp_norm = p((L, D), ("layers", "norm"), "ones")
+        self.gate = p((L, D, F), ("layers", "embed", "ffn"))
+        self.up = p((L, D, F), ("layers", "embed", "ffn"))
+        self.down = p((L, F, D), ("layers", "ffn", "embed"))
+
+
+# ---- KV cache -------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys (already rotated) and values of every layer, plus the position held in each slot.
+
+    All rows of a batch are written at the same slots (prompts are left-padded), so one `end` serves the batch.
+    """
+
+    k: Array  # [L, B, S, K, H]
+    v: Array  # [L, B, S, K, H]
+    pos: Array  # [B, S] int32: the position of the token in each slot; -1 for empty slots and padding
+    end: Array  # [] int32: the next slot to write
+
+    AXES = {
+        "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+        "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+        "pos": ("batch", "cache_seq"),
+        "end": (),
+    }
+
+    @classmethod
+    def init(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = jnp.dtype(dtype or cfg.dtype)
+        return cls(
+            k=jnp.zeros(shape, dt),
+            v=jnp.zeros(shape, dt),
+            pos=jnp.full((batch, max_len), -1, jnp.int32),
+            end=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.pos.shape[1]
+
+
+# ---- building blocks ----------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm with the variance and the scaling in float32, cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: Array, cfg: Config) -> tuple[Array, Array]:
+    """cos and sin, [B, T, rotary_dim // 2] in float32, for positions [B, T]."""
+    half = cfg.rotary_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / cfg.rotary_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates adjacent pairs (0,1), (2,3), ... of the first rotary_dim dims of each head of x [B, T, *, H]."""
+    rot = 2 * cos.shape[-1]
+    xr = x[..., :rot].astype(jnp.float32).reshape(*x.shape[:-1], rot // 2, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]  # [B, T, *, rot/2]
+    c = cos[:, :, None, :]  # broadcast over heads
+    s = sin[:, :, None, :]
+    out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1).reshape(*x.shape[:-1], rot)
+    return jnp.concatenate([out.astype(x.dtype), x[..., rot:]], axis=-1)
+
+
+def dense_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array) -> Array:
+    """Grouped-query attention with the full score matrix.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] (not repeated to N heads); q_pos: [B, T]; k_pos: [B, S].
+    Returns:
+      [B, T, N, H] in q's dtype. Key s is visible to query t when 0 <= k_pos[s] <= q_pos[t].
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(H))
+    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+
+
+class GLM4(nnx.Module):
+    """GLM-4 causal language model: embedding, `num_layers` pre-norm decoder layers, final norm, output layer."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = jnp.dtype(cfg.dtype)
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed = nnx.Param(_normal(rngs, (V, D), dt), axes=("vocab", "embed"))
+        self.layers = Layers(cfg, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((D,), dt), axes=("norm",))
+        self.lm_head = nnx.Param(_normal(rngs, (D, V), dt), axes=("embed", "vocab"))
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        *,
+        logits: Literal["all", "last"] = "all",
+    ) -> tuple[Array, KVCache | None]:
+        """Runs the model on a block of tokens, appending to the cache when one is given.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] int positions; negative for (left) padding.
+          cache: the KV cache to append to at slots [cache.end, cache.end + T), or None for a plain forward pass.
+          logits: "all" for every position, "last" for the last position only (prefill before sampling).
+        Returns:
+          (logits [B, T or 1, V] in float32, the updated cache or None).
+        """
+        cfg = self.cfg
+        positions = positions.astype(jnp.int32)
+        h = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        cos, sin = rope_tables(positions, cfg)
+        layer_params = nnx.to_pure_dict(nnx.state(self.layers))
+
+        if cache is None:
+
+            def step(h, p):
+                h, _ = _decoder_layer(cfg, p, h, positions, cos, sin, kv=None)
+                return h, None
+
+            h, _ = jax.lax.scan(step, h, layer_params)
+        else:
+            start = cache.end
+            k_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, start))  # [B, S]
+
+            def step(carry, p):
+                h, ck, cv, i = carry
+                h, (ck, cv) = _decoder_layer(cfg, p, h, positions, cos, sin, kv=(ck, cv, i, start, k_pos))
+                return (h, ck, cv, i + 1), None
+
+            init = (h, cache.k, cache.v, jnp.zeros((), jnp.int32))
+            (h, ck, cv, _), _ = jax.lax.scan(step, init, layer_params)
+            cache = KVCache(k=ck, v=cv, pos=k_pos, end=start + tokens.shape[1])
+
+        if logits == "last":
+            h = h[:, -1:]
+        h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
+        out = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        return out, cache
+
+
+def _decoder_layer(cfg: Config, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv):
+    """One pre-norm decoder layer. With `kv` = (cache k, cache v, layer index, first slot, slot positions), the
+    new keys and values are written into the cache in place and attention runs over all its slots."""
+    with jax.named_scope("attention"):
+        x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("BTD,DNH->BTNH", x, p["q"])
+        k = jnp.einsum("BTD,DKH->BTKH", x, p["k"])
+        v = jnp.einsum("BTD,DKH->BTKH", x, p["v"])
+        if cfg.attention_bias:
+            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if kv is None:
+            attn = dense_attention(q, k, v, positions, positions)
+            new_kv = None
+        else:
+            ck, cv, i, start, k_pos = kv  # ck, cv: [L, B, S, K, H]
+            zero = jnp.zeros((), jnp.int32)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, zero, start, zero, zero))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, zero, start, zero, zero))
+            attn = dense_attention(q, ck[i], cv[i], positions, k_pos)
+            new_kv = (ck, cv)
+        h = h + jnp.einsum("BTNH,NHD->BTD", attn, p["o"])
+    with jax.named_scope("mlp"):
+        x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
+        gate = jnp.einsum("BTD,DF->BTF", x, p["gate"])
+        up = jnp.einsum("BTD,DF->BTF", x, p["up"])
+        h = h + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["down"])
+    return h, new_kv
+
+
+# ---- construction helpers -------------------------------------------------------------------------------------
+
+
+def init_model(cfg: Config, seed: int = 0) -> GLM4:
+    """A GLM4 with random weights (normal, std 0.02; norms at 1)."""
+    return GLM4(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: Config) -> GLM4:
+    """A GLM4 whose parameters are `jax.ShapeDtypeStruct`s: shapes without allocating."""
+    return nnx.eval_shape(lambda: GLM4(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def param_axes(model: GLM4) -> dict:
+    """The logical axis names of every parameter, as a nested dict shaped like the parameters."""
+    axes = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = var.get_metadata()["axes"]
+    return axes
+
+
+def param_count(model: GLM4) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

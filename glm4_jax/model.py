@@ -24,13 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm4_jax import attention
 from glm4_jax.config import Config
 
 Array = jax.Array
-
-# A finite "minus infinity": a row whose keys are all masked (a padding query) gets uniform weights, not NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 # ---- parameters ---------------------------------------------------------------------------------------------
 
@@ -141,34 +138,16 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([out.astype(x.dtype), x[..., rot:]], axis=-1)
 
 
-def dense_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array) -> Array:
-    """Grouped-query attention with the full score matrix.
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H] (not repeated to N heads); q_pos: [B, T]; k_pos: [B, S].
-    Returns:
-      [B, T, N, H] in q's dtype. Key s is visible to query t when 0 <= k_pos[s] <= q_pos[t].
-    """
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(H))
-    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
-
-
 # ---- the model ------------------------------------------------------------------------------------------------
 
 
 class GLM4(nnx.Module):
     """GLM-4 causal language model: embedding, `num_layers` pre-norm decoder layers, final norm, output layer."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, attention_impl: str = "auto"):
         self.cfg = cfg
+        # Static choice of attention kernel (see glm4_jax.attention.IMPLEMENTATIONS); may be set after construction.
+        self.attention_impl = attention_impl
         dt = jnp.dtype(cfg.dtype)
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = nnx.Param(_normal(rngs, (V, D), dt), axes=("vocab", "embed"))
@@ -194,7 +173,7 @@ class GLM4(nnx.Module):
         Returns:
           (logits [B, T or 1, V] in float32, the updated cache or None).
         """
-        cfg = self.cfg
+        cfg, impl = self.cfg, self.attention_impl
         positions = positions.astype(jnp.int32)
         h = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         cos, sin = rope_tables(positions, cfg)
@@ -203,7 +182,7 @@ class GLM4(nnx.Module):
         if cache is None:
 
             def step(h, p):
-                h, _ = _decoder_layer(cfg, p, h, positions, cos, sin, kv=None)
+                h, _ = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=None)
                 return h, None
 
             h, _ = jax.lax.scan(step, h, layer_params)
@@ -213,7 +192,7 @@ class GLM4(nnx.Module):
 
             def step(carry, p):
                 h, ck, cv, i = carry
-                h, (ck, cv) = _decoder_layer(cfg, p, h, positions, cos, sin, kv=(ck, cv, i, start, k_pos))
+                h, (ck, cv) = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=(ck, cv, i, start, k_pos))
                 return (h, ck, cv, i + 1), None
 
             init = (h, cache.k, cache.v, jnp.zeros((), jnp.int32))
@@ -227,7 +206,7 @@ class GLM4(nnx.Module):
         return out, cache
 
 
-def _decoder_layer(cfg: Config, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv):
+def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv):
     """One pre-norm decoder layer. With `kv` = (cache k, cache v, layer index, first slot, slot positions), the
     new keys and values are written into the cache in place and attention runs over all its slots."""
     with jax.named_scope("attention"):
@@ -240,14 +219,12 @@ def _decoder_layer(cfg: Config, p: dict, h: Array, positions: Array, cos: Array,
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv is None:
-            attn = dense_attention(q, k, v, positions, positions)
+            attn = attention.attend(q, k, v, positions, positions, impl=impl)
             new_kv = None
         else:
             ck, cv, i, start, k_pos = kv  # ck, cv: [L, B, S, K, H]
-            zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, zero, start, zero, zero))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, zero, start, zero, zero))
-            attn = dense_attention(q, ck[i], cv[i], positions, k_pos)
+            ck, cv = attention.write_kv(ck, cv, k, v, i, start)
+            attn = attention.attend(q, ck[i], cv[i], positions, k_pos, impl=impl)
             new_kv = (ck, cv)
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, p["o"])
     with jax.named_scope("mlp"):

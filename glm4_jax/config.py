@@ -58,6 +58,9 @@ class Config:
                 f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} "
                 "must give an even number of rotary dims"
             )
+        for name, ids in (("pad_token_id", (self.pad_token_id,)), ("eos_token_ids", self.eos_token_ids)):
+            if not all(0 <= i < self.vocab_size for i in ids):
+                raise ConfigError(f"{name} {ids} must lie in the vocabulary [0, {self.vocab_size})")
 
     @property
     def rotary_dim(self) -> int:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from glm4_jax import attention
 from glm4_jax.config import Config
+from glm4_jax.sharding.rules import constrain
 
 Array = jax.Array
 
@@ -224,6 +225,9 @@ def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, 
         else:
             ck, cv, i, start, k_pos = kv  # ck, cv: [L, B, S, K, H]
             ck, cv = attention.write_kv(ck, cv, k, v, i, start)
+            # Keep the stacked cache in its own sharding: when the tensor axis is larger than the kv heads, XLA
+            # would otherwise split it inside the layer loop and gather all of it back on every step.
+            ck, cv = constrain(ck, KVCache.AXES["k"]), constrain(cv, KVCache.AXES["v"])
             attn = attention.attend(q, ck[i], cv[i], positions, k_pos, impl=impl)
             new_kv = (ck, cv)
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, p["o"])

@@ -1,0 +1,364 @@
+"""Memory planner: the per-device bytes of GLM-4's weights and KV cache on a mesh, and whether they fit a device.
+
+    python -m glm4_jax.sharding.plan --preset glm-4-9b-chat-1m --mesh sequence=8 --batch 1 --max-len 1048576 \\
+        --device h100 [--json]
+
+The bytes come from the shardings the real run uses (`param_shardings` / `cache_shardings` on an `AbstractMesh`,
+then `NamedSharding.shard_shape`), so the planner and a sharded model agree array by array. No device is needed:
+a 16-device plan runs on a laptop.
+
+What is counted: weights and KV cache (k, v, pos). What is not: activations, the compiled program, XLA's scratch
+space and fragmentation; `headroom` (10% of the device by default) is set aside for them. Decoding needs little
+activation memory; a long prompt should be prefilled in chunks (or with ring attention on `sequence`), or the
+score matrices alone exceed any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh
+
+import glm4_jax.model as model_lib
+from glm4_jax.config import PRESETS as CONFIG_PRESETS
+from glm4_jax.config import Config, ConfigError, preset
+
+from .mesh import MESH_AXES, MeshSpec, abstract_mesh, mesh_sizes, mesh_str
+from .rules import Rules, ShardingError
+from .shardings import abstract_cache, cache_shardings, param_shardings, param_tree
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    memory: int  # bytes the device reports (nvidia-smi total for GPUs, HBM per chip for TPUs)
+    gpu: bool
+
+
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("h100", 81559 * MiB, True),  # H100 80GB (SXM): 79.6 GiB
+        Device("h200", 143771 * MiB, True),  # H200 141GB: 140.4 GiB
+        Device("a100-40", 40960 * MiB, True),
+        Device("a100-80", 81920 * MiB, True),
+        Device("v4", 32 * GiB, False),
+        Device("v5e", 16 * GiB, False),
+        Device("v5p", 95 * GiB, False),
+        Device("v6e", 32 * GiB, False),
+    )
+}
+
+DEFAULT_HEADROOM = 0.10
+
+
+@dataclasses.dataclass
+class ArrayPlan:
+    group: str  # "weights" or "cache"
+    name: str  # parameter path ("layers/q") or "cache/k"
+    shape: tuple[int, ...]
+    dtype: str
+    spec: tuple  # mesh axes of each dim: None, "tensor", or ("data", "fsdp")
+    shard_shape: tuple[int, ...]
+    bytes_per_device: int
+    global_bytes: int
+    replicated_over: tuple[str, ...]  # mesh axes (size > 1) the array is copied over
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    model: str
+    mesh: dict[str, int]
+    n_devices: int
+    batch: int
+    max_len: int
+    arrays: list[ArrayPlan]
+    weights_bytes: int  # per device
+    cache_bytes: int  # per device
+    total_bytes: int  # per device
+    device: str | None
+    device_bytes: int | None
+    headroom: float
+    budget_bytes: int | None  # device_bytes * (1 - headroom)
+    fits: bool | None
+    notes: list[str]
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        for a in d["arrays"]:
+            a["shape"], a["shard_shape"] = list(a["shape"]), list(a["shard_shape"])
+            a["spec"] = [list(e) if isinstance(e, tuple) else e for e in a["spec"]]
+            a["replicated_over"] = list(a["replicated_over"])
+        return d
+
+
+def _as_mesh(mesh: Mesh | AbstractMesh | MeshSpec | None, n_devices: int | None) -> Mesh | AbstractMesh:
+    if isinstance(mesh, (Mesh, AbstractMesh)):
+        return mesh
+    return abstract_mesh(mesh, n_devices)
+
+
+def _array_plan(group, name, shape, dtype, sharding, sizes) -> ArrayPlan:
+    shard = tuple(sharding.shard_shape(tuple(shape)))
+    itemsize = np.dtype(dtype).itemsize
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+    return ArrayPlan(
+        group=group,
+        name=name,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype).name,
+        spec=spec,
+        shard_shape=shard,
+        bytes_per_device=math.prod(shard) * itemsize,
+        global_bytes=math.prod(shape) * itemsize,
+        replicated_over=tuple(a for a, n in sizes.items() if n > 1 and a not in used),
+    )
+
+
+def _flatten(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, path + "/")
+        else:
+            yield path, value
+
+
+def plan_memory(
+    cfg: Config,
+    mesh: Mesh | AbstractMesh | MeshSpec | None = None,
+    *,
+    batch: int = 1,
+    max_len: int | None = None,
+    device: str | None = None,
+    device_memory: int | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    n_devices: int | None = None,
+    cache_dtype=None,
+    rules: Rules | None = None,
+    name: str | None = None,
+) -> MemoryPlan:
+    """Per-device memory of `cfg`'s weights and a KV cache of `batch` x `max_len` on `mesh`.
+
+    Args:
+      cfg: the model config (its dtype is the weights' dtype).
+      mesh: a Mesh, an AbstractMesh, or a spec ("sequence=8"); -1 in a spec needs `n_devices`.
+      max_len: cache slots (default cfg.max_seq_len).
+      device: a name in DEVICES, or None with `device_memory` (bytes), or neither (no fit verdict).
+      headroom: fraction of the device kept free for activations, the program and XLA's scratch space.
+      cache_dtype: the cache dtype (default cfg.dtype).
+    Raises:
+      ShardingError when the mesh cannot hold the model (a big weight it cannot divide); ValueError for a bad mesh
+      spec or device name.
+    """
+    mesh = _as_mesh(mesh, n_devices)
+    sizes = mesh_sizes(mesh)
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if device is not None and device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom is a fraction in [0, 1), got {headroom}")
+
+    abstract = model_lib.abstract_model(cfg)
+    arrays = []
+    shardings = dict(_flatten(param_shardings(abstract, mesh, rules)))
+    for path, x in _flatten(param_tree(abstract)):
+        arrays.append(_array_plan("weights", path, x.shape, x.dtype, shardings[path], sizes))
+    cache = abstract_cache(cfg, batch, max_len, cache_dtype)
+    cache_sh = cache_shardings(cfg, mesh, batch, max_len, rules)
+    for field in model_lib.KVCache.AXES:
+        x = getattr(cache, field)
+        arrays.append(_array_plan("cache", f"cache/{field}", x.shape, x.dtype, getattr(cache_sh, field), sizes))
+
+    weights = sum(a.bytes_per_device for a in arrays if a.group == "weights")
+    cache_bytes = sum(a.bytes_per_device for a in arrays if a.group == "cache")
+    total = weights + cache_bytes
+    if device is not None:
+        device_memory = DEVICES[device].memory
+    budget = None if device_memory is None else int(device_memory * (1 - headroom))
+    plan = MemoryPlan(
+        model=name or "custom",
+        mesh=dict(sizes),
+        n_devices=math.prod(sizes.values()),
+        batch=batch,
+        max_len=max_len,
+        arrays=arrays,
+        weights_bytes=weights,
+        cache_bytes=cache_bytes,
+        total_bytes=total,
+        device=device,
+        device_bytes=device_memory,
+        headroom=headroom,
+        budget_bytes=budget,
+        fits=None if budget is None else total <= budget,
+        notes=[],
+    )
+    plan.notes = _notes(cfg, plan)
+    return plan
+
+
+def _notes(cfg: Config, plan: MemoryPlan) -> list[str]:
+    notes = []
+    sizes = plan.mesh
+    tensor = sizes.get("tensor", 1)
+    by_name = {a.name: a for a in plan.arrays}
+    if tensor > 1 and "tensor" in by_name["cache/k"].replicated_over:
+        kv = by_name["cache/k"].bytes_per_device + by_name["cache/v"].bytes_per_device
+        notes.append(
+            f"kv_heads={cfg.num_kv_heads} cannot be divided by tensor={tensor}: the k/v projections and the cache's "
+            f"k, v are replicated over tensor (every device holds all {cfg.num_kv_heads} kv heads). Cost: the cache "
+            f"takes {_fmt(kv)} per device instead of {_fmt(kv // tensor)} were the heads divisible "
+            f"({_fmt(kv - kv // tensor)} more), and every device computes the k and v projections of all heads "
+            f"(each {cfg.num_kv_heads}/{cfg.num_heads} of the q projection's work). A tensor size that divides "
+            f"{cfg.num_kv_heads} avoids it (put the other devices on sequence, fsdp or data)."
+        )
+    copies = [a for a in ("data", "sequence") if sizes.get(a, 1) > 1]
+    if copies:
+        what = " x ".join(f"{a}={sizes[a]}" for a in copies)
+        notes.append(
+            f"The weights are copied over {what}: only fsdp and tensor divide weights. Add tensor (or fsdp) to "
+            "shrink the weights per device."
+        )
+    if sizes.get("fsdp", 1) > 1 and "fsdp" in by_name["cache/k"].replicated_over:
+        notes.append(
+            f"batch={plan.batch} is not divisible by fsdp={sizes['fsdp']}: the cache is copied over fsdp (its rows "
+            "split over fsdp only when they divide)."
+        )
+    if plan.max_len > cfg.max_seq_len:
+        notes.append(f"max_len {plan.max_len} exceeds the model's trained context ({cfg.max_seq_len}).")
+    if plan.device and DEVICES[plan.device].gpu:
+        notes.append(
+            "JAX preallocates 75% of a GPU's memory by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (or "
+            "XLA_PYTHON_CLIENT_PREALLOCATE=false) for this budget to be available."
+        )
+    notes.append(
+        f"Not counted: activations, the compiled program, XLA scratch space ({plan.headroom:.0%} headroom is kept "
+        "for them). Decode needs little; prefill long prompts in chunks or with ring attention on `sequence`."
+    )
+    return notes
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _spec_str(spec: tuple) -> str:
+    return "(" + ", ".join("-" if e is None else e if isinstance(e, str) else "+".join(e) for e in spec) + ")"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    rows = [("array", "shape", "dtype", "mesh axes per dim", "per device")]
+    for group in ("weights", "cache"):
+        for a in plan.arrays:
+            if a.group == group:
+                shape = "[" + ", ".join(str(d) for d in a.shape) + "]"
+                rows.append((a.name, shape, a.dtype, _spec_str(a.spec), _fmt(a.bytes_per_device)))
+        total = plan.weights_bytes if group == "weights" else plan.cache_bytes
+        rows.append((f"= {group}", "", "", "", _fmt(total)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [
+        f"{plan.model}: batch {plan.batch} x {plan.max_len:,} slots on mesh {mesh_str(plan.mesh)} "
+        f"({plan.n_devices} devices)",
+        "",
+    ]
+    for i, r in enumerate(rows):
+        lines.append(
+            "  ".join(c.ljust(w) if j < 4 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        f"per device: weights {_fmt(plan.weights_bytes)} + cache {_fmt(plan.cache_bytes)} = {_fmt(plan.total_bytes)}"
+    )
+    if plan.budget_bytes is not None:
+        verdict = "FITS" if plan.fits else "DOES NOT FIT"
+        lines.append(
+            f"{plan.device or 'device'}: {_fmt(plan.device_bytes)}, budget {_fmt(plan.budget_bytes)} after "
+            f"{plan.headroom:.0%} headroom -> {verdict} ({plan.total_bytes / plan.budget_bytes:.0%} of the budget)"
+        )
+    if plan.notes:
+        lines.append("")
+        lines.extend(f"note: {n}" for n in plan.notes)
+    return "\n".join(lines)
+
+
+def _load_config(args) -> tuple[Config, str]:
+    if args.config:
+        path = args.config
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        return Config.from_file(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return preset(args.preset), args.preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m glm4_jax.sharding.plan",
+        description="Per-device memory of GLM-4's weights and KV cache on a device mesh.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="glm-4-9b-chat", choices=sorted(CONFIG_PRESETS))
+    src.add_argument("--config", help="a config.json, or a converted checkpoint directory")
+    p.add_argument("--mesh", default="", help=f"e.g. 'tensor=4,sequence=2' (axes {', '.join(MESH_AXES)}; missing: 1)")
+    p.add_argument("--devices", type=int, help="device count, for a -1 in --mesh")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-len", type=int, help="KV cache slots (default: the model's max_seq_len)")
+    p.add_argument("--device", choices=sorted(DEVICES), help="check the plan against this device")
+    p.add_argument("--device-memory", type=float, help="device memory in GiB (instead of --device)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction kept free (default 0.1)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="weights dtype (default: config's)")
+    p.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"), help="default: the weights dtype")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = p.parse_args(argv)
+    try:
+        cfg, name = _load_config(args)
+        if args.dtype:
+            cfg = cfg.replace(dtype=args.dtype)
+        plan = plan_memory(
+            cfg,
+            args.mesh,
+            batch=args.batch,
+            max_len=args.max_len,
+            device=args.device,
+            device_memory=None if args.device_memory is None else int(args.device_memory * GiB),
+            headroom=args.headroom,
+            n_devices=args.devices,
+            cache_dtype=args.cache_dtype,
+            name=name,
+        )
+    except (ShardingError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    # The planner needs no accelerator: keep JAX on the CPU so it never claims a TPU or GPU another job uses.
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The rules applied to GLM-4: parameter and cache shardings, placing a model on a mesh, a sharded forward pass."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
+
+# A module import (not `from ... import`): glm4_jax.model may import glm4_jax.sharding.rules while it loads.
+import glm4_jax.model as model_lib
+from glm4_jax.config import Config
+
+from .rules import LOGITS_AXES, TOKENS_AXES, Rules, named_sharding
+
+if TYPE_CHECKING:
+    from glm4_jax.model import GLM4, KVCache
+
+
+def _map_params(fn, values: dict, axes: dict, path: tuple = ()) -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out[key] = _map_params(fn, value, axes[key], (*path, key))
+        else:
+            out[key] = fn("/".join(map(str, (*path, key))), value, axes[key])
+    return out
+
+
+def param_tree(model: GLM4) -> dict:
+    """`nnx.to_pure_dict(nnx.state(model, nnx.Param))`: arrays, or ShapeDtypeStructs for an abstract model."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def param_shardings(model: GLM4, mesh: Mesh | AbstractMesh, rules: Rules | None = None) -> dict:
+    """A `NamedSharding` for every parameter, as a nested dict matching `param_tree(model)`.
+
+    `model` may be a real model or `abstract_model(cfg)`; `mesh` a `Mesh`, or an `AbstractMesh` for planning.
+    Raises `ShardingError` when a big weight cannot be divided (see rules.py).
+    """
+    return _map_params(
+        lambda path, x, axes: named_sharding(mesh, axes, x.shape, rules, path),
+        param_tree(model),
+        model_lib.param_axes(model),
+    )
+
+
+def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
+    """`KVCache` of ShapeDtypeStructs, without allocating."""
+    return jax.eval_shape(lambda: model_lib.KVCache.init(cfg, batch, max_len, dtype))
+
+
+def cache_shardings(
+    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, rules: Rules | None = None
+) -> KVCache:
+    """A `KVCache` of the `NamedSharding`s of a cache with `batch` rows and `max_len` slots: rows on `data` (and
+    `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them."""
+    shapes = abstract_cache(cfg, batch, max_len)
+    fields = {}
+    for field, axes in model_lib.KVCache.AXES.items():
+        fields[field] = named_sharding(mesh, axes, getattr(shapes, field).shape, rules, f"cache/{field}")
+    return model_lib.KVCache(**fields)
+
+
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_params(model_or_cfg: GLM4 | Config, mesh: Mesh | AbstractMesh, rules: Rules | None = None) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: the target of a sharded restore."""
+    model = model_lib.abstract_model(model_or_cfg) if isinstance(model_or_cfg, Config) else model_or_cfg
+    return _with_shardings(param_tree(model), param_shardings(model, mesh, rules))
+
+
+def abstract_sharded_cache(
+    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None
+) -> KVCache:
+    """The `KVCache` as ShapeDtypeStructs carrying their shardings."""
+    return _with_shardings(
+        abstract_cache(cfg, batch, max_len, dtype), cache_shardings(cfg, mesh, batch, max_len, rules)
+    )
+
+
+# ---- placing things on the mesh ---------------------------------------------------------------------------------
+
+
+def shard_model(model: GLM4, mesh: Mesh, rules: Rules | None = None) -> GLM4:
+    """Moves the parameters of `model` onto `mesh` following the rules, in place (`nnx.update`); returns it.
+
+    The model must fit in one place first. For a checkpoint use `glm4_jax.load(path, mesh=mesh)`, for random
+    weights `init_sharded_model`: neither ever holds a full copy.
+    """
+    params = jax.device_put(param_tree(model), param_shardings(model, mesh, rules))
+    nnx.update(model, params)
+    return model
+
+
+def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | None = None) -> GLM4:
+    """`init_model(cfg, seed)` with every parameter created directly in its shards."""
+    abstract = model_lib.abstract_model(cfg)
+    shardings = param_shardings(abstract, mesh, rules)
+    params = jax.jit(lambda: param_tree(model_lib.init_model(cfg, seed)), out_shardings=shardings)()
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, params)
+
+
+def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None) -> KVCache:
+    """An empty `KVCache`, created directly in its shards."""
+    shardings = cache_shardings(cfg, mesh, batch, max_len, rules)
+    return jax.jit(lambda: model_lib.KVCache.init(cfg, batch, max_len, dtype), out_shardings=shardings)()
+
+
+def jit_forward(
+    model: GLM4,
+    mesh: Mesh,
+    *,
+    batch: int,
+    max_len: int | None = None,
+    logits: str = "all",
+    rules: Rules | None = None,
+):
+    """The model's forward pass, jitted with the in/out shardings of the rules, traced and run under
+    `jax.set_mesh(mesh)` (so `constrain` and mesh-aware attention kernels see the mesh).
+
+    Args:
+      model: a real or abstract GLM4: only its structure is used; the weights come in as an argument.
+      mesh: the device mesh.
+      batch: rows per call (must be divisible by `data`).
+      max_len: None for a cacheless forward; else the slots of the KV cache the function takes and returns.
+      logits: "all" or "last" (see `GLM4.__call__`).
+    Returns:
+      without max_len, `forward(params, tokens, positions) -> logits`;
+      with max_len, `forward(params, tokens, positions, cache) -> (logits, cache)` with the cache donated.
+      `params` is `param_tree(model)` of a model placed by `shard_model` (or a restored tree); tokens and positions
+      [B, T] int; logits [B, T or 1, V] float32, split by batch and vocab. `forward.lower(...)` lowers it.
+    """
+    cfg = model.cfg
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    p_sh = param_shardings(model, mesh, rules)
+    tok_sh = named_sharding(mesh, TOKENS_AXES, (batch, 1), rules, "tokens")
+    out_sh = named_sharding(mesh, LOGITS_AXES, (batch, 1, cfg.vocab_size), rules, "logits")
+
+    if max_len is None:
+
+        def forward(params, tokens, positions):
+            out, _ = nnx.merge(graphdef, params, rest)(tokens, positions, logits=logits)
+            return out
+
+        jitted = jax.jit(forward, in_shardings=(p_sh, tok_sh, tok_sh), out_shardings=out_sh)
+    else:
+        c_sh = cache_shardings(cfg, mesh, batch, max_len, rules)
+
+        def forward(params, tokens, positions, cache):
+            return nnx.merge(graphdef, params, rest)(tokens, positions, cache, logits=logits)
+
+        jitted = jax.jit(
+            forward,
+            in_shardings=(p_sh, tok_sh, tok_sh, c_sh),
+            out_shardings=(out_sh, c_sh),
+            donate_argnames=("cache",),
+        )
+
+    @functools.wraps(forward)
+    def run(params, tokens, positions, *cache):
+        tokens, positions = global_input(tokens, tok_sh), global_input(positions, tok_sh)
+        with jax.set_mesh(mesh):
+            return jitted(params, tokens, positions, *cache)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    run.lower = lower
+    run.jitted = jitted
+    return run
+
+
+def global_input(x, sharding: NamedSharding):
+    """A host value every process holds in full (tokens, positions) as a global array with `sharding`.
+
+    One process: x unchanged (jit places it). Several: `jax.make_array_from_callback`, each process filling its
+    own devices' shards from its copy, since jit cannot take a host array for devices of other processes.
+    """
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -228,7 +228,7 @@ def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, 
             # Keep the stacked cache in its own sharding: when the tensor axis is larger than the kv heads, XLA
             # would otherwise split it inside the layer loop and gather all of it back on every step.
             ck, cv = constrain(ck, KVCache.AXES["k"]), constrain(cv, KVCache.AXES["v"])
-            attn = attention.attend(q, ck[i], cv[i], positions, k_pos, impl=impl)
+            attn = attention.attend(q, ck, cv, positions, k_pos, impl=impl, layer=i)
             new_kv = (ck, cv)
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, p["o"])
     with jax.named_scope("mlp"):

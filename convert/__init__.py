@@ -1,1 +1,14 @@
-"""Checkpoint conversion: `python -m glm4_jax.convert SRC DST`."""
+"""Checkpoint conversion: `python -m glm4_jax.convert SRC DST` turns a GLM-4-9B PyTorch checkpoint (THUDM or
+transformers layout; safetensors or .bin) into a glm4-jax checkpoint (Orbax arrays, config, manifest, tokenizer).
+
+    from glm4_jax.convert import convert
+    convert("THUDM/glm-4-9b-chat", "ckpt/glm-4-9b-chat", dtype="bfloat16")
+
+Modules: `readers` (finding and checking source files, reading tensor blocks), `table` (the name table and its
+transforms), `pipeline` (the atomic, streaming conversion), `__main__` (the command line).
+"""
+
+from glm4_jax.convert.pipeline import convert
+from glm4_jax.convert.readers import ConvertError
+
+__all__ = ["ConvertError", "convert"]

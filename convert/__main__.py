@@ -1,2 +1,124 @@
-def main(): print("stub")
-if __name__ == "__main__": main()
+"""Command line: `python -m glm4_jax.convert SRC DST [--dtype ...] [--force]` (also installed as glm4-convert)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+DESCRIPTION = """\
+Convert a GLM-4-9B checkpoint to a glm4-jax checkpoint (Orbax arrays + config + manifest + tokenizer), which
+`glm4_jax.load(DST)` and `python -m glm4_jax.generate --ckpt DST` read with nothing else.
+
+SRC is a local checkpoint directory in either layout: the original THUDM one (model_type "chatglm") or the
+transformers GlmForCausalLM one (model_type "glm"); safetensors (one file, or shards with
+model.safetensors.index.json) or legacy pytorch_model*.bin shards (needs torch; read with weights_only=True).
+SRC may also be a Hugging Face hub repo id (org/name) when huggingface_hub is installed.
+
+DST is written to a temporary sibling and renamed at the end; on any error or Ctrl-C nothing is left behind.
+Tensors are read one block at a time, so memory does not grow with the model; disk space is checked first.
+On bad input it prints one line `error: ...` naming the file or tensor, and exits with status 2.
+"""
+
+EPILOG = """\
+examples:
+  python -m glm4_jax.convert ~/models/glm-4-9b-chat ckpt/glm-4-9b-chat
+  python -m glm4_jax.convert THUDM/glm-4-9b-chat-hf ckpt/glm-4-9b-chat --dtype float32 --force
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m glm4_jax.convert",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="source checkpoint directory (or hub repo id org/name)")
+    p.add_argument("dst", metavar="DST", help="output directory; must not exist unless --force")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32", "float16"),
+        default="bfloat16",
+        help="dtype of the stored parameters (default: bfloat16, as GLM-4 ships)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    p.add_argument(
+        "--no-hash",
+        dest="hash",
+        action="store_false",
+        help="do not record the sha256 of the source files in manifest.json (saves one read of the source)",
+    )
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument(
+        "-q",
+        "--quiet",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no progress bar (by default one is drawn when stderr is a terminal)",
+    )
+    bar.add_argument(
+        "--progress", dest="progress", action="store_true", help="a progress bar even when stderr is not a terminal"
+    )
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when SRC is a repo id")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p.parse_args(argv)
+
+
+def _version() -> str:
+    from glm4_jax.checkpoint import package_version
+
+    return package_version()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    """The CLI; returns 0 on success, exits with status 2 (one `error:` line on stderr) on bad input."""
+    args = parse_args(argv)
+    # Orbax logs warnings through absl (for example while a cancelled save winds down); the CLI's stderr is for
+    # the progress bar and for one `error:` line.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    from glm4_jax.config import ConfigError
+    from glm4_jax.convert.pipeline import convert
+    from glm4_jax.convert.readers import ConvertError
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        dst = convert(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            force=args.force,
+            hash_files=args.hash,
+            progress=args.progress,
+            revision=args.revision,
+        )
+    except (ConvertError, ConfigError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; {args.dst} was not written")
+    except OSError as e:
+        _fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+    else:
+        print(f"wrote {dst}", file=sys.stderr)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _fail(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

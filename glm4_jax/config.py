@@ -186,7 +186,7 @@ def _from_chatglm(d: dict[str, Any]) -> Config:
         max_seq_len=int(d.get("seq_length", 8192)),
         attention_bias=bool(d.get("add_qkv_bias", True)),
         eos_token_ids=_eos(d),
-        pad_token_id=int(d.get("pad_token_id") or ENDOFTEXT_ID),
+        pad_token_id=int(d["pad_token_id"]) if d.get("pad_token_id") is not None else ENDOFTEXT_ID,
     )
 
 

@@ -1,0 +1,239 @@
+"""The conversion itself: check everything, then write DST atomically, streaming one chunk at a time."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import sys
+import threading
+
+from glm4_jax.config import Config
+
+from .readers import ConvertError, TensorInfo, bin_to_safetensors, find_files, read_header, readahead, sha256
+from .table import LAYOUTS, plan
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+DISK_SLACK = 16 << 20  # config, manifest, Orbax metadata
+
+
+def resolve_source(src: str, revision: str | None = None) -> pathlib.Path:
+    """A local directory, or a Hugging Face hub repo id (`org/name`) downloaded when huggingface_hub is present."""
+    path = pathlib.Path(src).expanduser()
+    if path.is_dir():
+        return path.absolute()
+    if path.exists():
+        raise ConvertError(f"{src}: not a directory (SRC is a checkpoint directory)")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", src):
+        try:
+            import huggingface_hub
+        except ImportError:
+            raise ConvertError(
+                f"{src}: no such directory (to download a hub repo id, install huggingface_hub)"
+            ) from None
+        try:
+            files = huggingface_hub.list_repo_files(src, revision=revision)
+            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
+            return pathlib.Path(
+                huggingface_hub.snapshot_download(
+                    src, revision=revision, allow_patterns=["*.json", "tokenizer.model", *weights]
+                )
+            )
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConvertError(f"{src}: no such directory, and downloading it from the hub failed ({msg})") from None
+    raise ConvertError(f"{src}: no such directory")
+
+
+def check_destination(src: pathlib.Path, dst: pathlib.Path, force: bool) -> None:
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise ConvertError(f"{dst}: already exists (use --force to replace it)")
+        if not dst.is_dir():
+            raise ConvertError(f"{dst}: exists and is not a directory; not replacing it")
+    if not dst.parent.is_dir():
+        raise ConvertError(f"{dst.parent}: no such directory (the parent of DST must exist)")
+    s, t = src.resolve(), dst.resolve()
+    if s == t or s.is_relative_to(t) or t.is_relative_to(s):
+        raise ConvertError(f"{dst}: DST must lie outside SRC ({src}) and not contain it")
+
+
+def inventory(files, tmp: pathlib.Path | None) -> dict[str, TensorInfo]:
+    """Every tensor of the source, by name; .bin shards are first rewritten as safetensors under `tmp`."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in files.files:
+        if files.kind == "bin":
+            out = tmp / (path.name + ".safetensors")
+            bin_to_safetensors(path, out)
+            found = read_header(out, origin=str(path))
+        else:
+            found = read_header(path)
+        for name, info in found.items():
+            if name in tensors:
+                raise ConvertError(f"{path}: tensor {name} is also in {tensors[name].origin}")
+            tensors[name] = info
+    if files.index_map is not None:
+        for name, fname in files.index_map.items():
+            if name not in tensors or pathlib.Path(tensors[name].origin).name != fname:
+                where = f"it is in {tensors[name].origin}" if name in tensors else "no file has it"
+                raise ConvertError(f"{files.index}: lists tensor {name} in {fname}, but {where}")
+    return tensors
+
+
+class Progress:
+    """tqdm on stderr: bytes written, throughput, and how many source tensors are done."""
+
+    def __init__(self, total_bytes: int, tensors: list[TensorInfo], enabled: bool | None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="converting",
+            file=sys.stderr,
+            disable=None if enabled is None else not enabled,  # None: only on a terminal
+            dynamic_ncols=True,
+        )
+        self.left = {t.name: t.nbytes // t.dtype.itemsize for t in tensors}
+        self.total = len(tensors)
+        self.done = 0
+        self.lock = threading.Lock()
+        self.bar.set_postfix_str(f"tensors 0/{self.total}", refresh=False)
+
+    def read(self, info: TensorInfo, elements: int) -> None:
+        with self.lock:
+            self.left[info.name] -= elements
+            if self.left[info.name] == 0:
+                self.done += 1
+                self.bar.set_postfix_str(f"tensors {self.done}/{self.total}", refresh=False)
+
+    def wrote(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Hasher:
+    """sha256 of the source files in a daemon thread, alongside the conversion (stopped at once on failure)."""
+
+    def __init__(self, paths: list[pathlib.Path]):
+        self.paths = paths
+        self.digests: dict[pathlib.Path, str] = {}
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for p in self.paths:
+                digest = sha256(p, stop=self.stop)
+                if digest is None:
+                    return
+                self.digests[p] = digest
+        except BaseException as e:  # reported by result()
+            self.error = e
+
+    def result(self) -> dict[pathlib.Path, str]:
+        self.thread.join()
+        if self.error is not None:
+            raise ConvertError(f"hashing the source files failed: {self.error}")
+        return self.digests
+
+
+def _layout(config_path: pathlib.Path) -> str:
+    kind = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if kind == "glm4_jax":
+        raise ConvertError(f"{config_path}: already a converted glm4-jax checkpoint; load it directly")
+    if kind not in LAYOUTS:
+        raise ConvertError(f"{config_path}: model_type {kind!r} has no name table")
+    return kind
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    hash_files: bool = True,
+    progress: bool | None = None,
+    revision: str | None = None,
+) -> pathlib.Path:
+    """Converts the GLM-4 checkpoint `src` into a glm4-jax checkpoint at `dst` (see `python -m glm4_jax.convert
+    --help`) and returns the path of `dst`.
+
+    Raises ConvertError or ConfigError for bad input; everything that can be checked is checked before anything
+    is written. On any error or KeyboardInterrupt, `dst` is left as it was and no temporary remains.
+    """
+    from glm4_jax import checkpoint
+
+    root = resolve_source(src, revision)
+    dst_path = pathlib.Path(dst).expanduser().absolute()
+    check_destination(root, dst_path, force)
+    checkpoint.np_dtype(dtype)
+    config_path = root / "config.json"
+    cfg = Config.from_file(config_path).replace(dtype=dtype)
+    layout = _layout(config_path)
+    files = find_files(root)
+    tensors = None
+    if files.kind == "safetensors":
+        tensors = inventory(files, None)
+        plan(cfg, layout, tensors)  # every name and shape checked before anything is written
+
+    itemsize = checkpoint.np_dtype(dtype).itemsize
+    out_bytes = sum(a.size * itemsize for _, a in checkpoint.flatten(checkpoint.expected_params(cfg)))
+    extra = [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+    need = out_bytes + sum(p.stat().st_size for p in extra) + DISK_SLACK
+    if files.kind == "bin":
+        need += files.total_bytes  # the shards rewritten as safetensors, until the end
+    free = shutil.disk_usage(dst_path.parent).free
+    if need > free:
+        raise ConvertError(
+            f"{dst_path.parent}: not enough disk space for DST: {need / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free"
+        )
+
+    sources = [config_path, *([files.index] if files.index else []), *files.files]
+    hasher = None
+    with checkpoint.staging_dir(dst_path, overwrite=force) as tmp:
+        try:
+            if tensors is None:
+                work = tmp / ".bin-as-safetensors"
+                work.mkdir()
+                tensors = inventory(files, work)
+            dests, used = plan(cfg, layout, tensors)
+            readahead(sorted({t.path for t in used}))
+            hasher = Hasher(sources) if hash_files else None
+            bar = Progress(out_bytes, used, progress)
+            for _, dest in checkpoint.flatten(dests):
+                dest.on_read = bar.read
+            try:
+                checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, progress=bar.wrote)
+            finally:
+                bar.close()
+            cfg.save(tmp / checkpoint.CONFIG)
+            for p in extra:
+                shutil.copyfile(p, tmp / p.name)
+            if files.kind == "bin":
+                shutil.rmtree(work)
+            digests = hasher.result() if hasher else {}
+            record = [{"name": p.name, "bytes": p.stat().st_size, "sha256": digests.get(p)} for p in sources]
+            source = {
+                "path": str(src),
+                "layout": "thudm" if layout == "chatglm" else "transformers",
+                "format": files.kind,
+                "dtypes": sorted({t.dtype.name for t in used}),
+                "files": record,
+            }
+            writer = f"glm4_jax.convert {checkpoint.package_version()}"
+            checkpoint.write_manifest(tmp, cfg, dests, source=source, writer=writer)
+        except BaseException:
+            if hasher is not None:
+                hasher.stop.set()
+            raise
+    return dst_path

@@ -173,5 +173,7 @@ def initialize_distributed(enable: bool | None = None, **kwargs) -> bool:
         return False
     if enable is None and tpu_vm_host_count() <= 1:
         return False
+    # CPU devices of different processes talk through gloo (used by the multi-process CPU tests; harmless elsewhere).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     return True

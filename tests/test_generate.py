@@ -1,0 +1,475 @@
+"""Generation: compiled loop vs streaming loop, padding, stopping, chunked prefill, bucketing, HF parity, the CLI."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from glm4_jax import checkpoint
+from glm4_jax.config import Config
+from glm4_jax.generate import Generator, clear_compiled, main, pad_left, plan_prefill, truncate_left
+from glm4_jax.model import init_model
+from glm4_jax.sampling import SamplingParams
+
+TINY = Config(
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    max_seq_len=512,
+    eos_token_ids=(1, 2),
+    pad_token_id=0,
+    dtype="float32",
+)
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.3)
+
+
+def _sharpen(model, factor=10.0):
+    # std-0.02 weights give nearly flat logits; larger ones make every position matter.
+    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        w = getattr(model.layers, name)
+        w[...] = w[...] * factor
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _sharpen(init_model(TINY, seed=1))
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    return Generator(model, prefill_chunk=16)
+
+
+def _prompt(n, seed=0, lo=3, hi=TINY.vocab_size):
+    return np.random.RandomState(seed).randint(lo, hi, n).tolist()
+
+
+# ---- planning ------------------------------------------------------------------------------------------------------
+
+
+def test_plan_prefill_buckets_and_chunks():
+    assert plan_prefill(5, 512) == [16]
+    assert plan_prefill(17, 512) == [32]
+    assert plan_prefill(300, 512) == [512]
+    assert plan_prefill(300, 384) == [384]  # bucket capped at the chunk
+    assert plan_prefill(1030, 512) == [16, 512, 512]
+    assert plan_prefill(1024, 512) == [512, 512]
+    assert plan_prefill(37, 16) == [16, 16, 16]
+    assert plan_prefill(37, 16, bucket=False) == [5, 16, 16]
+    assert plan_prefill(5, 512, limit=10) == [10]  # the bucket never passes the cache length
+
+
+def test_pad_left_positions():
+    tokens, positions = pad_left([[5, 6, 7], [9]], 5, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[0, 0, 5, 6, 7], [0, 0, 0, 0, 9]])
+    np.testing.assert_array_equal(positions, [[-2, -1, 0, 1, 2], [-4, -3, -2, -1, 0]])
+
+
+def test_truncate_left_keeps_prefix():
+    assert truncate_left([1, 2, 3, 4, 5, 6], 4, prefix=[1, 2]) == [1, 2, 5, 6]
+    assert truncate_left([9, 2, 3, 4, 5, 6], 4, prefix=[1, 2]) == [3, 4, 5, 6]
+    assert truncate_left([1, 2, 3], 4, prefix=[1, 2]) == [1, 2, 3]
+
+
+# ---- the compiled loop and the streaming loop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
+def test_compiled_loop_equals_streaming_loop(gen, sampling):
+    prompts = [_prompt(11, 0), _prompt(29, 1)]
+    kw = dict(max_new_tokens=12, sampling=sampling, seed=5, stop_ids=())
+    compiled = gen.generate(prompts, **kw)
+    steps = []
+    streamed = gen.generate_streaming(prompts, steps.append, **kw)
+    assert compiled.ids == streamed.ids
+    assert [len(i) for i in compiled.ids] == [12, 12]
+    assert np.stack(steps, axis=1).tolist() == compiled.ids
+    assert not compiled.streamed and streamed.streamed
+    assert compiled.stop_reasons == streamed.stop_reasons == ["max_new_tokens"] * 2
+
+
+def test_left_padded_batch_equals_each_sequence_alone(gen):
+    prompts = [_prompt(n, seed=i) for i, n in enumerate([37, 5, 20])]
+    batch = gen.generate(prompts, max_new_tokens=12, stop_ids=())
+    for p, ids in zip(prompts, batch.ids, strict=True):
+        alone = gen.generate([p], max_new_tokens=12, stop_ids=())
+        assert alone.ids[0] == ids
+
+
+def test_greedy_is_deterministic_and_seed_matters_only_when_sampling(gen):
+    p = [_prompt(9, 3)]
+    a = gen.generate(p, max_new_tokens=12, sampling=SAMPLED, seed=1, stop_ids=())
+    b = gen.generate(p, max_new_tokens=12, sampling=SAMPLED, seed=1, stop_ids=())
+    c = gen.generate(p, max_new_tokens=12, sampling=SAMPLED, seed=2, stop_ids=())
+    assert a.ids == b.ids
+    assert a.ids != c.ids
+    g1 = gen.generate(p, max_new_tokens=12, seed=1, stop_ids=())
+    g2 = gen.generate(p, max_new_tokens=12, seed=2, stop_ids=())
+    assert g1.ids == g2.ids
+
+
+# ---- stopping ------------------------------------------------------------------------------------------------------
+
+
+def test_stop_id_ends_a_row_and_others_continue(gen):
+    prompts = [_prompt(8, 0), _prompt(14, 1)]
+    free = gen.generate(prompts, max_new_tokens=12, stop_ids=())
+    row0 = free.ids[0]
+    k = 5
+    stop = row0[k]
+    first = row0.index(stop)  # the first occurrence is where it stops
+    assert stop not in free.ids[1]
+    for run in (gen.generate, gen.generate_streaming):
+        res = run(prompts, max_new_tokens=12, stop_ids=(stop,))
+        assert res.ids[0] == row0[: first + 1]  # the stop id is included
+        assert res.stop_reasons[0] == "stop_id"
+        assert res.ids[1] == free.ids[1]
+        assert res.stop_reasons[1] == "max_new_tokens"
+
+
+def test_all_rows_stopped_ends_the_loop_early(gen):
+    p = [_prompt(8, 0)]
+    free = gen.generate(p, max_new_tokens=12, stop_ids=())
+    stop = free.ids[0][3]
+    res = gen.generate(p, max_new_tokens=12, stop_ids=(stop,))
+    assert res.steps == free.ids[0].index(stop) + 1
+    assert res.ids[0][-1] == stop
+
+
+def test_default_stop_ids_are_the_config_eos_ids(gen):
+    assert gen._settings(SamplingParams(), 4, None).stop_ids == TINY.eos_token_ids
+
+
+def test_max_new_tokens(gen):
+    res = gen.generate([_prompt(6)], max_new_tokens=12, stop_ids=())
+    assert len(res.ids[0]) == 12 and res.steps == 12
+    assert res.stop_reasons == ["max_new_tokens"]
+    one = gen.generate([_prompt(6)], max_new_tokens=1, stop_ids=())
+    assert one.ids[0] == res.ids[0][:1]
+
+
+def test_cache_full_stops(gen):
+    p = [_prompt(10)]
+    free = gen.generate(p, max_new_tokens=12, stop_ids=())
+    for run in (gen.generate, gen.generate_streaming):
+        res = run(p, max_new_tokens=12, stop_ids=(), max_len=14)
+        assert res.padded_length == 10  # near the limit the prompt is not padded to its bucket (16)
+        assert res.max_len == 14
+        assert res.ids[0] == free.ids[0][:5]  # 4 fed back into the free slots, plus one chosen from the last
+        assert res.stop_reasons == ["cache_full"]
+
+
+def test_prompt_too_long_for_cache(gen):
+    from glm4_jax.generate import GenerationError, PromptTooLongError
+
+    with pytest.raises(PromptTooLongError, match="20 tokens"):
+        gen.generate([_prompt(20)], max_len=10)
+    with pytest.raises(PromptTooLongError, match="context"):
+        gen.generate([_prompt(TINY.max_seq_len + 1)])
+    with pytest.raises(GenerationError, match="empty"):
+        gen.generate([[]])
+    with pytest.raises(GenerationError, match="outside"):
+        gen.generate([[TINY.vocab_size]])
+
+
+# ---- chunked prefill and bucketing --------------------------------------------------------------------------------
+
+
+def test_chunked_prefill_equals_one_shot(model):
+    prompts = [_prompt(45, 0), _prompt(30, 1)]
+    kw = dict(max_new_tokens=12, stop_ids=())
+    one_shot = Generator(model, prefill_chunk=512).generate(prompts, **kw)
+    for chunk in (8, 16, 7):
+        chunked = Generator(model, prefill_chunk=chunk).generate(prompts, **kw)
+        assert chunked.ids == one_shot.ids, chunk
+
+
+def test_chunked_prefill_logits_equal_one_shot(model):
+    import jax
+
+    from glm4_jax.generate import _prefill_chunk
+    from glm4_jax.model import KVCache
+
+    p = _prompt(40, 2)
+    tokens, positions = pad_left([p], 48, 0)
+    gen = Generator(model)
+    graphdef, state = gen.graphdef, gen.state
+
+    def run(sizes):
+        cache, start = KVCache.init(TINY, 1, 64), 0
+        for n in sizes:
+            logits, cache = _prefill_chunk(
+                graphdef, state, cache, tokens[:, start : start + n], positions[:, start : start + n]
+            )
+            start += n
+        return np.asarray(jax.device_get(logits))
+
+    np.testing.assert_allclose(run([16, 16, 16]), run([48]), atol=1e-5, rtol=1e-5)
+
+
+def test_bucketing_does_not_change_results_or_recompile(model):
+    clear_compiled()  # count this test's compilations only
+    bucketed, exact = Generator(model, prefill_chunk=64), Generator(model, prefill_chunk=64, bucket=False)
+    for n in (17, 23, 30):  # one bucket (32)
+        p = [_prompt(n, n)]
+        assert (
+            bucketed.generate(p, max_new_tokens=6, stop_ids=()).ids
+            == exact.generate(p, max_new_tokens=6, stop_ids=()).ids
+        )
+    assert bucketed.compiled_count("prefill") == 1
+    assert bucketed.compiled_count("loop") == 1
+    assert exact.compiled_count("prefill") == 3
+
+
+# ---- vocabulary padding --------------------------------------------------------------------------------------------
+
+
+def test_padded_vocab_rows_never_generated():
+    model = init_model(TINY, seed=2)
+    model.lm_head[...] = model.lm_head[...].at[:, 100:].add(1.0)  # the padded rows would win everywhere
+    free = Generator(model).generate([_prompt(5)], max_new_tokens=8, stop_ids=(), sampling=SAMPLED)
+    assert max(free.ids[0]) >= 100  # sanity: without the mask they are chosen
+    gen = Generator(model, n_vocab=100)
+    for sampling in (SamplingParams(), SamplingParams(temperature=5.0)):
+        res = gen.generate([_prompt(5), _prompt(9, 1)], max_new_tokens=16, stop_ids=(), sampling=sampling)
+        assert max(max(ids) for ids in res.ids) < 100
+
+
+# ---- parity with transformers -------------------------------------------------------------------------------------
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    helpers_hf = pytest.importorskip("helpers_hf")
+    from glm4_jax.convert.__main__ import main as convert_main
+
+    hf_model = helpers_hf.tiny_hf_model(seed=0)
+    src = helpers_hf.save_hf(hf_model, tmp_path / "hf")
+    dst = tmp_path / "converted"
+    convert_main([str(src), str(dst), "--dtype", "float32", "-q"])
+    model = checkpoint.load(dst)
+    assert model.cfg.dtype == "float32"
+    gen = Generator(model, prefill_chunk=64)  # the 150-token prompt goes in as 32 + 64 + 64 (with padding)
+
+    gen_cfg = copy.deepcopy(hf_model.generation_config)
+    gen_cfg.eos_token_id = None  # compare all 32 tokens
+    for n in (13, 150):
+        prompt = np.random.RandomState(n).randint(3, model.cfg.vocab_size, n).tolist()
+        ours = gen.generate([prompt], max_new_tokens=32, stop_ids=())
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, n, dtype=torch.long),
+                generation_config=gen_cfg,
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=hf_model.config.pad_token_id,
+            )
+        theirs = out[0, n:].tolist()
+        assert len(theirs) == 32
+        assert ours.ids[0] == theirs
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------------
+
+SMALL_CTX = TINY.replace(vocab_size=384, max_seq_len=64, eos_token_ids=(256, 263, 265), pad_token_id=256)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dirs(tmp_path_factory):
+    """Two checkpoints of a tiny model with a 64-token context: without and with a (synthetic) tokenizer."""
+    from glm4_jax.tokenizer import write_synthetic_tokenizer
+
+    base = tmp_path_factory.mktemp("cli")
+    model = _sharpen(init_model(SMALL_CTX, seed=3))
+    plain, with_tok = base / "plain", base / "with_tok"
+    checkpoint.save(plain, model, SMALL_CTX)
+    checkpoint.save(with_tok, model, SMALL_CTX)
+    write_synthetic_tokenizer(with_tok / "tokenizer.model", n_merges=0)  # 256 bytes + specials at 256..269
+    return plain, with_tok
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_bad_numbers(capsys, ckpt_dirs):
+    _, ck = ckpt_dirs
+    base = ["--ckpt", str(ck), "--prompt", "hi"]
+    assert "--temperature" in _cli_error(capsys, [*base, "--temperature", "-0.5"])
+    assert "--top-p" in _cli_error(capsys, [*base, "--top-p", "0"])
+    assert "--top-p" in _cli_error(capsys, [*base, "--top-p", "1.5"])
+    assert "--top-k" in _cli_error(capsys, [*base, "--top-k", "-1"])
+    assert "--max-new-tokens" in _cli_error(capsys, [*base, "--max-new-tokens", "0"])
+    assert "--repetition-penalty" in _cli_error(capsys, [*base, "--repetition-penalty", "0"])
+    assert "invalid float" in _cli_error(capsys, [*base, "--temperature", "hot"])
+
+
+def test_cli_bad_prompts(capsys, ckpt_dirs):
+    plain, ck = ckpt_dirs
+    assert "empty prompt" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt", ""])
+    assert "empty prompt" in _cli_error(capsys, ["--ckpt", str(ck), "--chat", "  "])
+    assert "empty prompt" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt-ids", ""])
+    assert "integers" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt-ids", "1,x"])
+    assert "not allowed with" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt", "a", "--chat", "b"])
+    assert "outside the vocabulary" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt-ids", "1,999"])
+    msg = _cli_error(capsys, ["--ckpt", str(plain), "--prompt", "hello"])
+    assert "tokenizer" in msg and "--prompt-ids" in msg
+    assert "tokenizer" in _cli_error(capsys, ["--ckpt", str(plain), "--chat", "hello"])
+
+
+def test_cli_prompt_too_long_offers_truncation(capsys, ckpt_dirs):
+    _, ck = ckpt_dirs
+    long_text = "x" * 100  # 100 byte tokens + [gMASK]<sop> > the 64-token context
+    msg = _cli_error(capsys, ["--ckpt", str(ck), "--prompt", long_text])
+    assert "102 tokens" in msg and "64 tokens" in msg and "--truncate-left" in msg
+    assert "--max-len" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt", "x" * 30, "--max-len", "20"])
+    assert "exceeds the model's context" in _cli_error(capsys, ["--ckpt", str(ck), "--prompt", "x", "--max-len", "65"])
+    assert main(["--ckpt", str(ck), "--prompt", long_text, "--truncate-left", "--max-new-tokens", "4", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["prompt_tokens"] == 64 - 4
+    assert len(record["ids"]) == 4 or record["stop_reason"] == "stop_id"
+
+
+def test_cli_bad_checkpoint(capsys, tmp_path):
+    assert "no such directory" in _cli_error(capsys, ["--ckpt", str(tmp_path / "nope"), "--prompt-ids", "1"])
+    (tmp_path / "junk").mkdir()
+    assert "not a glm4-jax checkpoint" in _cli_error(capsys, ["--ckpt", str(tmp_path / "junk"), "--prompt-ids", "1"])
+    assert "--ckpt" in _cli_error(capsys, ["--prompt", "hi"])  # required
+
+
+def test_cli_prompt_ids_json_matches_api_with_and_without_mesh(capsys, ckpt_dirs):
+    plain, _ = ckpt_dirs
+    argv = ["--ckpt", str(plain), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    record = json.loads(out[-1])
+    want = Generator(checkpoint.load(plain)).generate([[5, 6, 7, 8]], max_new_tokens=6)
+    assert record["ids"] == want.ids[0]
+    assert record["stop_reason"] == want.stop_reasons[0]
+    assert record["prompt_tokens"] == 4 and record["mode"] == "stream"
+    assert out[0].split() == [str(i) for i in want.ids[0]]  # the ids streamed as they came
+    assert main([*argv, "--no-stream"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["ids"] == want.ids[0] and record["mode"] == "compiled"
+    assert main([*argv, "--no-stream", "--mesh", "data=1,fsdp=1,tensor=2,sequence=4"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["ids"] == want.ids[0]
+    assert "--mesh" in _cli_error(capsys, [*argv, "--mesh", "tensor=3"])
+
+
+def test_cli_chat_uses_template_and_chat_defaults(capsys, ckpt_dirs):
+    from glm4_jax.tokenizer import Tokenizer
+
+    _, ck = ckpt_dirs
+    tok = Tokenizer.from_file(ck / "tokenizer.model")
+    assert main(["--ckpt", str(ck), "--chat", "Hi", "--system", "Be brief.", "--max-new-tokens", "5", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert record["prompt_tokens"] == len(tok.apply_chat_template(msgs))
+    assert record["sampling"]["temperature"] == 0.8 and record["sampling"]["top_p"] == 0.8
+    stops = set(tok.stop_ids)
+    assert record["text"] == tok.decode([t for t in record["ids"] if t not in stops]).removeprefix("\n")
+
+
+def test_cli_help_mentions_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("temperature 0.8", "top-p 0.8", "--truncate-left", "--prompt-ids", "--mesh", "default"):
+        assert needle in text
+
+
+def _run(args, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "glm4_jax.generate", *args], capture_output=True, text=True, env=env, cwd=REPO, **kw
+    )
+
+
+def test_cli_json_subprocess_on_converted_checkpoint(tmp_path):
+    from glm4_jax.api import GLM4Chat
+    from glm4_jax.demo import build_demo_checkpoint
+
+    dst = build_demo_checkpoint(tmp_path / "demo")  # THUDM layout -> the real converter
+    proc = _run(["--ckpt", str(dst), "--chat", "Hello there", "--temperature", "0", "--max-new-tokens", "10", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.splitlines()[-1])
+    for key in ("ids", "text", "prompt_tokens", "stop_reason", "prefill_s", "decode_tok_s"):
+        assert key in record
+    chat = GLM4Chat.from_checkpoint(dst)
+    ids = chat.encode_chat("Hello there")
+    assert record["prompt_tokens"] == len(ids)
+    want = chat.generator.generate([ids], max_new_tokens=10, stop_ids=chat.chat_stop_ids())
+    assert record["ids"] == want.ids[0]
+    assert record["stop_reason"] == want.stop_reasons[0]
+    # The streamed text precedes the JSON line.
+    assert record["text"] in proc.stdout.rsplit("\n", 2)[0]
+
+
+def test_cli_error_subprocess_has_no_traceback(tmp_path):
+    proc = _run(["--ckpt", str(tmp_path), "--prompt-ids", "1", "--top-p", "2"])
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --top-p")
+
+
+def test_cli_interactive_chat(capsys, monkeypatch, ckpt_dirs):
+    _, ck = ckpt_dirs
+    lines = iter(["Hi", "", "/reset", "Hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    assert main(["--ckpt", str(ck), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "/reset clears the history" in out
+    assert out.count("assistant> ") == 2
+    assert "(history cleared)" in out
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    assert "needs a terminal" in _cli_error(capsys, ["--ckpt", str(ck)])
+
+
+# ---- the Python API ------------------------------------------------------------------------------------------------
+
+
+def test_api_chat_generate_stream(ckpt_dirs):
+    from glm4_jax.api import GLM4Chat
+
+    _, ck = ckpt_dirs
+    chat = GLM4Chat.from_checkpoint(ck)
+    tok = chat.tokenizer
+    assert chat.generator.n_vocab == tok.n_vocab == 270
+
+    pieces = list(chat.chat("Hi", stream=True, max_new_tokens=8, seed=3))
+    res = chat.last_result
+    assert res.streamed and all(isinstance(p, str) for p in pieces)
+    stops = set(chat.chat_stop_ids())
+    body = [t for t in res.ids[0] if t not in stops]
+    assert "".join(pieces) == tok.decode(body).removeprefix("\n")
+    whole = chat.chat("Hi", max_new_tokens=8, seed=3)  # the compiled loop: the same tokens
+    assert chat.last_result.ids == res.ids
+    assert whole == "".join(pieces)
+
+    batch = chat.generate(["ab", "hello world"], max_new_tokens=6)
+    assert len(batch.texts) == 2 and batch.prompt_tokens == [len(tok.encode_prompt(t)) for t in ("ab", "hello world")]
+    streamed = "".join(chat.stream("hello world", max_new_tokens=6))
+    assert streamed == batch.texts[1] and chat.last_result.ids[0] == batch.ids[1]

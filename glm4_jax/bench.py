@@ -1,0 +1,270 @@
+"""`python -m glm4_jax.bench`: measure prefill and decode on your own hardware.
+
+    python -m glm4_jax.bench --random glm-4-9b-chat                       # random full-size weights, bf16
+    python -m glm4_jax.bench --ckpt out/glm-4-9b-chat --decode 1x128,64x1024 --prefill 8192,131072 --json
+    python -m glm4_jax.bench --random glm-4-9b-chat --mesh tensor=8        # on 8 devices
+
+Every workload runs through the same `Generator` that `generate` uses (chunked prefill, then the compiled
+`lax.while_loop` decode), once to compile and then `--repeats` times; the table reports the median.
+
+- decode `BxP`: batch B, prompt P tokens, `--new-tokens` greedy tokens with no stop id. decode tok/s counts
+  B x (new tokens - 1) over the decode loop's time (the first token comes from the prefill).
+- prefill `T`: a T-token prompt into the cache, then one token; tok/s = T / prefill seconds.
+- bytes/step: what one decode step must read: every weight but the embedding table (only B rows of it are
+  read), plus the K/V cache up to the context. GB/s = bytes/step / seconds per step. "floor" is the share of the
+  device's memory bandwidth (`--bandwidth`, or the measured device-to-device copy rate of known devices) that
+  this reaches: 100% is the memory-bound limit.
+- compile: seconds spent compiling during the first run. peak memory: the device allocator's peak (GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from glm4_jax.config import Config, ConfigError, preset
+from glm4_jax.generate import Generator
+from glm4_jax.sampling import SamplingParams
+
+# Measured device-to-device copy rates (bytes read + written per second): the practical bandwidth ceiling.
+BANDWIDTH = {"H100": 2.99e12, "H200": 4.3e12}
+
+TINY = Config(
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    max_seq_len=4096,
+    eos_token_ids=(1,),
+    pad_token_id=0,
+)
+
+
+class BenchError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Row:
+    workload: str
+    batch: int
+    prompt: int
+    new_tokens: int
+    prefill_s: float
+    prefill_tok_s: float
+    decode_tok_s: float | None
+    ms_per_step: float | None
+    gb_per_s: float | None
+    floor_share: float | None
+    compile_s: float
+
+
+def parse_workloads(decode: str, prefill: str) -> list[tuple[str, int, int]]:
+    """("decode" | "prefill", batch, prompt tokens) from "1x128,64x1024" and "8192,131072"."""
+    out = []
+    for item in filter(None, (s.strip() for s in decode.split(","))):
+        try:
+            b, p = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise BenchError(f"--decode: {item!r} is not BATCHxPROMPT (e.g. 1x128)") from None
+        if b < 1 or p < 1:
+            raise BenchError(f"--decode: {item!r}: batch and prompt must be >= 1")
+        out.append(("decode", b, p))
+    for item in filter(None, (s.strip() for s in prefill.split(","))):
+        if not item.isdigit() or int(item) < 1:
+            raise BenchError(f"--prefill: {item!r} is not a positive token count")
+        out.append(("prefill", 1, int(item)))
+    if not out:
+        raise BenchError("nothing to measure: give --decode and/or --prefill")
+    return out
+
+
+def step_bytes(model, batch: int, context: int) -> int:
+    """Bytes one decode step reads: all weights but the embedding table, B embedding rows, the K/V cache."""
+    cfg = model.cfg
+    params = nnx.state(model, nnx.Param)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    embed = model.embed.get_value()
+    itemsize = embed.dtype.itemsize
+    total -= embed.size * itemsize - batch * cfg.hidden_size * itemsize
+    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return total + kv
+
+
+def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def device_bandwidth(explicit: float | None) -> float | None:
+    if explicit:
+        return explicit * 1e9
+    kind = jax.devices()[0].device_kind
+    return next((bw for name, bw in BANDWIDTH.items() if name in kind), None)
+
+
+def run_workload(gen: Generator, kind: str, batch: int, prompt: int, new_tokens: int, repeats: int, bw) -> Row:
+    rng = np.random.RandomState(0)
+    n_vocab = gen.n_vocab
+    prompts = [rng.randint(0, n_vocab, prompt).tolist() for _ in range(batch)]
+    steps = new_tokens if kind == "decode" else 1
+    greedy = SamplingParams(temperature=0.0)
+    kwargs = dict(max_new_tokens=steps, sampling=greedy, stop_ids=(), max_len=prompt + steps)
+    first = gen.generate(prompts, **kwargs)  # compiles
+    runs = [gen.generate(prompts, **kwargs) for _ in range(repeats)]
+    prefill_s = statistics.median(r.prefill_s for r in runs)
+    row = Row(
+        workload=f"{kind} {batch}x{prompt}",
+        batch=batch,
+        prompt=prompt,
+        new_tokens=steps,
+        prefill_s=prefill_s,
+        prefill_tok_s=batch * prompt / prefill_s,
+        decode_tok_s=None,
+        ms_per_step=None,
+        gb_per_s=None,
+        floor_share=None,
+        compile_s=first.compile_s,
+    )
+    if kind == "decode" and steps > 1:
+        decode_s = statistics.median(r.decode_s for r in runs)
+        per_step = decode_s / (steps - 1)
+        nbytes = step_bytes(gen_model(gen), batch, prompt + steps // 2)
+        row.decode_tok_s = batch / per_step
+        row.ms_per_step = per_step * 1e3
+        row.gb_per_s = nbytes / per_step / 1e9
+        if bw:
+            row.floor_share = (nbytes / bw) / per_step
+    return row
+
+
+def gen_model(gen: Generator):
+    return nnx.merge(gen.graphdef, gen.state)
+
+
+def load_model(args, mesh):
+    if args.ckpt:
+        from glm4_jax import checkpoint
+
+        return checkpoint.load(args.ckpt, mesh=mesh, dtype=args.dtype)
+    cfg = TINY if args.random == "tiny" else preset(args.random)
+    cfg = cfg.replace(dtype=args.dtype or "bfloat16")
+    from glm4_jax.sharding import init_sharded_model, make_mesh
+
+    return init_sharded_model(cfg, mesh if mesh is not None else make_mesh(None, devices=jax.devices()[:1]))
+
+
+def format_table(rows: list[Row], info: dict) -> str:
+    head = ["workload", "prefill s", "prefill tok/s", "decode tok/s", "ms/step", "GB/s", "floor", "compile s"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        lines.append(
+            " | ".join(
+                [
+                    r.workload,
+                    f(r.prefill_s, ".3f"),
+                    f(r.prefill_tok_s, ",.0f"),
+                    f(r.decode_tok_s, ",.1f"),
+                    f(r.ms_per_step, ".2f"),
+                    f(r.gb_per_s, ",.0f"),
+                    "-" if r.floor_share is None else f"{100 * r.floor_share:.0f}%",
+                    f(r.compile_s, ".1f"),
+                ]
+            )
+        )
+    tail = [f"{k}: {v}" for k, v in info.items()]
+    return "\n".join(["| " + line + " |" for line in lines] + [""] + tail)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m glm4_jax.bench",
+        description=__doc__.split("\n\n", 1)[0] + " Prints a table (or --json) of prefill and decode speed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="DIR", help="a converted checkpoint (python -m glm4_jax.convert)")
+    src.add_argument(
+        "--random",
+        metavar="PRESET",
+        choices=["glm-4-9b", "glm-4-9b-chat", "glm-4-9b-chat-1m", "tiny"],
+        help="random weights of a preset: glm-4-9b, glm-4-9b-chat, glm-4-9b-chat-1m, or tiny (a smoke test)",
+    )
+    p.add_argument("--decode", default="1x128", metavar="BxP,...", help="decode workloads (default 1x128)")
+    p.add_argument("--prefill", default="8192", metavar="T,...", help="prefill workloads (default 8192)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode workload (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (default 3)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (default 2048)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: bfloat16 / the checkpoint's")
+    p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tensor=8 (default: one device)")
+    p.add_argument("--bandwidth", type=float, metavar="GB/s", help="memory bandwidth for the floor column")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.new_tokens < 2 or args.repeats < 1 or args.prefill_chunk < 1:
+            raise BenchError("--new-tokens must be >= 2, --repeats and --prefill-chunk >= 1")
+        workloads = parse_workloads(args.decode, args.prefill)
+        mesh = None
+        if args.mesh:
+            from glm4_jax.sharding import make_mesh
+
+            mesh = make_mesh(args.mesh)
+        t = time.perf_counter()
+        model = load_model(args, mesh)
+        jax.block_until_ready(nnx.state(model))
+        load_s = time.perf_counter() - t
+        longest = max(p + (args.new_tokens if k == "decode" else 1) for k, _, p in workloads)
+        if longest > model.cfg.max_seq_len:
+            raise BenchError(f"a workload needs {longest} tokens, more than the model's {model.cfg.max_seq_len}")
+    except (BenchError, ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    gen = Generator(model, prefill_chunk=args.prefill_chunk, mesh=mesh)
+    bw = device_bandwidth(args.bandwidth)
+    rows = []
+    for kind, batch, prompt in workloads:
+        rows.append(run_workload(gen, kind, batch, prompt, args.new_tokens, args.repeats, bw))
+        print(f"  done: {rows[-1].workload}", file=sys.stderr, flush=True)
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    peak = peak_memory()
+    info = {
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
+        "model": args.ckpt or args.random,
+        "parameters": params,
+        "dtype": str(model.embed.get_value().dtype),
+        "mesh": args.mesh or "one device",
+        "load_s": round(load_s, 2),
+        "peak_memory_gib": None if peak is None else round(peak / 2**30, 2),
+        "bandwidth_gb_s": None if bw is None else bw / 1e9,
+    }
+    print(format_table(rows, info))
+    if args.json:
+        print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], **info}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,10 @@ from helpers_hf import hf_logits, save_hf, tiny_hf_model  # noqa: E402
 
 from glm4_jax import checkpoint  # noqa: E402
 from glm4_jax.convert.pipeline import convert  # noqa: E402
+from glm4_jax.generate import Generator  # noqa: E402
 from glm4_jax.model import KVCache  # noqa: E402
+from glm4_jax.sampling import SamplingParams  # noqa: E402
+from glm4_jax.sharding import make_mesh  # noqa: E402
 
 PROMPT_LEN = 320
 NEW_TOKENS = 32
@@ -38,7 +41,7 @@ def pair(request, tmp_path_factory):
     dst = convert(str(src), str(root / "converted"), dtype="float32", progress=False)
     model = checkpoint.load(dst)
     assert model.cfg.num_kv_heads == k and model.cfg.rope_theta == theta and model.cfg.dtype == "float32"
-    return hf, model
+    return hf, model, dst
 
 
 def _prompt(vocab, seed=0):
@@ -46,7 +49,7 @@ def _prompt(vocab, seed=0):
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
+    hf, model, _ = pair
     tokens = _prompt(model.cfg.vocab_size)
     ref = hf_logits(hf, tokens)
     ours, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(PROMPT_LEN), tokens.shape))
@@ -56,17 +59,19 @@ def test_logits_match_transformers(pair):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_greedy_ids_match_transformers(pair):
+def _hf_greedy(hf, tokens, pad_id):
     import torch
 
-    hf, model = pair
-    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
-    hf.generation_config.eos_token_id = None  # generate all NEW_TOKENS, as our loop below does
+    hf.generation_config.eos_token_id = None  # generate all NEW_TOKENS, as our loops do
     with torch.no_grad():
-        ref = hf.generate(
-            torch.as_tensor(tokens), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=model.cfg.pad_token_id
-        )
-    ref_new = ref[0, PROMPT_LEN:].tolist()
+        ref = hf.generate(torch.as_tensor(tokens), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad_id)
+    return ref[0, PROMPT_LEN:].tolist()
+
+
+def test_greedy_ids_match_transformers(pair):
+    hf, model, _ = pair
+    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
+    ref_new = _hf_greedy(hf, tokens, model.cfg.pad_token_id)
 
     cache = KVCache.init(model.cfg, batch=1, max_len=PROMPT_LEN + NEW_TOKENS)
     logits, cache = model(jnp.asarray(tokens), jnp.arange(PROMPT_LEN)[None], cache, logits="last")
@@ -76,3 +81,18 @@ def test_greedy_ids_match_transformers(pair):
         ours.append(nxt)
         logits, cache = model(jnp.asarray([[nxt]]), jnp.asarray([[PROMPT_LEN + t]]), cache)
     assert ours == ref_new
+
+
+def test_greedy_ids_with_ring_attention_on_a_mesh_match_transformers(pair):
+    """The checkpoint loaded onto sequence=4 x tensor=2 (ring prefill, sequence-sharded cache) through the
+    Generator that `generate` uses: the same 32 greedy ids as transformers."""
+    hf, model, dst = pair
+    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
+    mesh = make_mesh("sequence=4,tensor=2")
+    sharded = checkpoint.load(dst, mesh=mesh)
+    gen = Generator(sharded, mesh=mesh, prefill_chunk=128)
+    result = gen.generate(
+        [tokens[0].tolist()], max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0.0), stop_ids=()
+    )
+    assert sharded.layers.q.get_value().sharding.spec[2] == "tensor"
+    assert result.ids[0] == _hf_greedy(hf, tokens, model.cfg.pad_token_id)

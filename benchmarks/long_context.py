@@ -77,7 +77,9 @@ def main(argv=None) -> None:
         cfg = cfg.replace(dtype=args.dtype)
     B, T, n_new = args.batch, args.tokens, args.decode
     if T + n_new > cfg.max_seq_len:
-        raise SystemExit(f"{T} + {n_new} tokens exceed max_seq_len {cfg.max_seq_len} of {args.preset}")
+        # A speed measurement: RoPE is defined at any position, so a prompt of the full context may decode past it.
+        print(f"note: {T} + {n_new} tokens run past max_seq_len {cfg.max_seq_len} of {args.preset}; raised for the run")
+        cfg = cfg.replace(max_seq_len=T + n_new)
     chunk = args.chunk or T
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), preset {args.preset}, dtype {cfg.dtype}")
 

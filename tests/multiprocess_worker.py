@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
     from jax.experimental import multihost_utils
+    from tiny import SHARDABLE
 
-    from glm4_jax.config import Config
     from glm4_jax.model import KVCache, init_model
     from glm4_jax.sharding import (
         init_cache,
@@ -55,19 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     assert jax.process_count() == args.num_processes
     assert jax.device_count() == args.num_processes * args.local_devices
 
-    cfg = Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=16,
-        max_seq_len=64,
-        eos_token_ids=(1,),
-        pad_token_id=0,
-        dtype="float32",
-    )
+    cfg = SHARDABLE
     batch, length, max_len, steps = 2, 8, 16, 3
     # Every process builds the same inputs; jit_forward turns them into global arrays.
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (batch, length), 2, cfg.vocab_size, dtype=jnp.int32))

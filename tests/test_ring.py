@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
+from tiny import SHARDABLE
 
 from glm4_jax import attention
-from glm4_jax.config import Config
 from glm4_jax.model import KVCache, init_model
 from glm4_jax.sharding import cache_shardings, init_cache, jit_forward, logical_to_spec, make_mesh, ring, shard_model
 
@@ -227,20 +227,7 @@ def test_needle_in_a_sharded_cache():
 
 # ---- the full model under sequence=4 x tensor=2 ------------------------------------------------------------------
 
-TINY = Config(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    max_seq_len=4096,
-    eos_token_ids=(1,),
-    pad_token_id=0,
-    dtype="float32",
-)
+TINY = SHARDABLE.replace(vocab_size=128, rope_theta=10000.0, max_seq_len=4096)
 
 
 def _tiny_model():

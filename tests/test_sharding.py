@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from tiny import SHARDABLE
 
-from glm4_jax.config import Config, preset
+from glm4_jax.config import preset
 from glm4_jax.model import KVCache, init_model, param_axes
 from glm4_jax.sharding import (
     RULES,
@@ -43,20 +44,7 @@ from glm4_jax.sharding import (
 )
 from glm4_jax.sharding import plan as planner
 
-# Head counts, ffn and vocab divide 8; 2 kv heads, so tensor=8 replicates them.
-CFG = Config(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    max_seq_len=64,
-    eos_token_ids=(1,),
-    pad_token_id=0,
-    dtype="float32",
-)
+CFG = SHARDABLE
 B, T, MAX_LEN, STEPS = 2, 8, 16, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -11,36 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from tiny import assert_close_visible, left_pad_positions, random_qkv
 
 from glm4_jax import attention
 from glm4_jax.config import preset
 from glm4_jax.model import rope_tables
-
-ATOL, RTOL = 1e-5, 1e-5
-
-
-def _qkv(B, T, S, N, K, H=16, seed=0):
-    rng = np.random.RandomState(seed)
-    q = jnp.asarray(rng.randn(B, T, N, H), jnp.float32)
-    k = jnp.asarray(rng.randn(B, S, K, H), jnp.float32)
-    v = jnp.asarray(rng.randn(B, S, K, H), jnp.float32)
-    return q, k, v
-
-
-def _positions(B, T, pads):
-    """[B, T] positions with left padding `pads[b]` (negative positions) on row b."""
-    return jnp.stack([jnp.arange(T) - p for p in pads]).astype(jnp.int32)
-
-
-def assert_close_visible(out, ref, q_pos, k_pos, what):
-    """Compares the rows that see at least one key (padding queries may differ); all rows must be finite."""
-    out, ref = np.asarray(out), np.asarray(ref)
-    seen = np.asarray(attention.visibility(q_pos, k_pos).any(-1))  # [B, T]
-    assert np.all(np.isfinite(out)), f"{what}: non-finite output"
-    diff = float(np.max(np.abs(out - ref)[seen])) if seen.any() else 0.0
-    print(f"{what}: max |diff| on visible rows = {diff:.3g}")
-    np.testing.assert_allclose(out[seen], ref[seen], atol=ATOL, rtol=RTOL)
-
 
 # ---- blockwise == dense ---------------------------------------------------------------------------------------
 
@@ -49,8 +24,8 @@ def assert_close_visible(out, ref, q_pos, k_pos, what):
 @pytest.mark.parametrize("pads", [(0, 0), (0, 13)], ids=["causal", "padded"])
 def test_blockwise_prefill_equals_dense(N, K, pads):
     B, T = 2, 45  # not a multiple of the blocks: a partial query block and a clamped last key block
-    q, k, v = _qkv(B, T, T, N, K)
-    pos = _positions(B, T, pads)
+    q, k, v = random_qkv(B, T, T, N, K)
+    pos = left_pad_positions(T, pads)
     ref = attention.dense_attention(q, k, v, pos, pos)
     out = jax.jit(lambda *a: attention.blockwise_attention(*a, block_q=8, block_k=16))(q, k, v, pos, pos)
     assert_close_visible(out, ref, pos, pos, f"blockwise prefill N={N} K={K} pads={pads}")
@@ -70,8 +45,8 @@ def _filled_cache(k, v, pos, S, L=3, layer=1):
 def test_blockwise_chunked_prefill_and_decode_against_cache(stacked):
     """Queries of a chunk (and single decode tokens) against every slot of a cache larger than what is filled."""
     B, T, S, N, K = 2, 40, 72, 8, 2
-    q, k, v = _qkv(B, T, T, N, K, seed=1)
-    pos = _positions(B, T, (0, 7))
+    q, k, v = random_qkv(B, T, T, N, K, seed=1)
+    pos = left_pad_positions(T, (0, 7))
     full = attention.dense_attention(q, k, v, pos, pos)  # the answer: each query against the whole prompt
     ck, cv, k_pos = _filled_cache(k, v, pos, S)
     layer = jnp.int32(1)
@@ -91,8 +66,8 @@ def test_blockwise_skips_invisible_key_blocks():
     """Whole key blocks invisible to a query block (causal future, empty cache slots) are skipped by lax.cond:
     the result is unchanged, and rows with no visible key at all come out as zeros, not NaN."""
     B, T, N, K = 1, 64, 4, 2
-    q, k, v = _qkv(B, T, T, N, K, seed=2)
-    pos = _positions(B, T, (40,))  # the first 40 tokens are padding: two key blocks of 16 entirely masked
+    q, k, v = random_qkv(B, T, T, N, K, seed=2)
+    pos = left_pad_positions(T, (40,))  # the first 40 tokens are padding: two key blocks of 16 entirely masked
     out = attention.blockwise_attention(q, k, v, pos, pos, block_q=16, block_k=16)
     ref = attention.dense_attention(q, k, v, pos, pos)
     assert_close_visible(out, ref, pos, pos, "skipped blocks")
@@ -135,8 +110,8 @@ def test_causal_flash_dispatch(case):
     kernel on the first T slots of a longer stacked cache; padding or a chunk that does not start at position 0
     falls back to the general kernel. Same answers either way."""
     B, T, S, N, K = 2, 16, 24, 8, 2
-    q, k, v = _qkv(B, T, T, N, K, seed=3)
-    pos = _positions(B, T, (0, 5) if case == "padded" else (0, 0))
+    q, k, v = random_qkv(B, T, T, N, K, seed=3)
+    pos = left_pad_positions(T, (0, 5) if case == "padded" else (0, 0))
     if case == "later-chunk":
         pos = pos + 4
     ref = attention.dense_attention(q, k, v, pos, pos)
@@ -149,8 +124,8 @@ def test_causal_flash_dispatch(case):
 def test_splash_kernel_in_interpreter():
     """The TPU splash kernel (GQA, causal) run by the Pallas interpreter on CPU equals dense attention."""
     B, T, N, K, H = 1, 256, 4, 2, 128
-    q, k, v = _qkv(B, T, T, N, K, H, seed=5)
-    pos = _positions(B, T, (0,))
+    q, k, v = random_qkv(B, T, T, N, K, H, seed=5)
+    pos = left_pad_positions(T, (0,))
     out = attention.causal_attention(q, k, v, pos, pos, kernel="splash", interpret=True)
     ref = attention.dense_attention(q, k, v, pos, pos)
     assert_close_visible(out, ref, pos, pos, "splash (interpreted)")
@@ -161,8 +136,8 @@ def test_splash_kernel_in_interpreter():
 
 def test_attend_implementations_agree_on_cpu():
     B, T, N, K = 2, 24, 8, 2
-    q, k, v = _qkv(B, T, T, N, K, seed=6)
-    pos = _positions(B, T, (0, 3))
+    q, k, v = random_qkv(B, T, T, N, K, seed=6)
+    pos = left_pad_positions(T, (0, 3))
     ref = attention.attend(q, k, v, pos, pos, impl="dense")
     for impl in ("auto", "blockwise", "ring"):  # "ring" without a mesh is the blockwise kernel
         out = attention.attend(q, k, v, pos, pos, impl=impl)

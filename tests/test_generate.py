@@ -9,27 +9,14 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO
+from tiny import GQA6
 
 from glm4_jax import checkpoint
-from glm4_jax.config import Config
 from glm4_jax.generate import Generator, clear_compiled, main, pad_left, plan_prefill, truncate_left
 from glm4_jax.model import init_model
 from glm4_jax.sampling import SamplingParams
 
-TINY = Config(
-    vocab_size=128,
-    hidden_size=48,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=6,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    max_seq_len=512,
-    eos_token_ids=(1, 2),
-    pad_token_id=0,
-    dtype="float32",
-)
+TINY = GQA6.replace(num_layers=2)
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.3)
 
 

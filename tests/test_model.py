@@ -4,24 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import GQA6
 
 from glm4_jax.config import Config, ConfigError, preset
 from glm4_jax.model import KVCache, abstract_model, init_model, param_axes, param_count
 
-TINY = Config(
-    vocab_size=128,
-    hidden_size=48,
-    intermediate_size=96,
-    num_layers=3,
-    num_heads=6,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    max_seq_len=512,
-    eos_token_ids=(1, 2),
-    pad_token_id=0,
-    dtype="float32",
-)
+TINY = GQA6
 
 
 def _ids(batch, length, seed=0, vocab=TINY.vocab_size):

@@ -13,35 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
-from tiny import SHARDABLE
+from tiny import ATOL, RTOL, SHARDABLE, assert_close_visible, left_pad_positions, random_qkv
 
 from glm4_jax import attention
 from glm4_jax.model import KVCache, init_model
 from glm4_jax.sharding import cache_shardings, init_cache, jit_forward, logical_to_spec, make_mesh, ring, shard_model
-
-ATOL, RTOL = 1e-5, 1e-5
-
-
-def _qkv(B, T, S, N, K, H=16, seed=0):
-    rng = np.random.RandomState(seed)
-    q = jnp.asarray(rng.randn(B, T, N, H), jnp.float32)
-    k = jnp.asarray(rng.randn(B, S, K, H), jnp.float32)
-    v = jnp.asarray(rng.randn(B, S, K, H), jnp.float32)
-    return q, k, v
-
-
-def _positions(T, pads):
-    return jnp.stack([jnp.arange(T) - p for p in pads]).astype(jnp.int32)
-
-
-def assert_close_visible(out, ref, q_pos, k_pos, what):
-    """Compares rows that see at least one key (padding queries may differ); every row must be finite."""
-    out, ref = np.asarray(out), np.asarray(ref)
-    seen = np.asarray(attention.visibility(q_pos, k_pos).any(-1))
-    assert np.all(np.isfinite(out)), f"{what}: non-finite output"
-    diff = float(np.max(np.abs(out - ref)[seen]))
-    print(f"{what}: max |diff| on visible rows = {diff:.3g}")
-    np.testing.assert_allclose(out[seen], ref[seen], atol=ATOL, rtol=RTOL)
 
 
 def _ring_prefill(q, k, v, pos, block=4):
@@ -64,8 +40,8 @@ def _ring_prefill(q, k, v, pos, block=4):
 @pytest.mark.parametrize("pads", [(0, 0), (0, 11)], ids=["causal", "padded"])
 def test_ring_prefill_equals_dense(mesh_spec, N, K, pads):
     T = 37  # not a multiple of 2 * ring size: padded inside
-    q, k, v = _qkv(2, T, T, N, K)
-    pos = _positions(T, pads)
+    q, k, v = random_qkv(2, T, T, N, K)
+    pos = left_pad_positions(T, pads)
     ref = attention.dense_attention(q, k, v, pos, pos)
     with jax.set_mesh(make_mesh(mesh_spec)):
         out = _ring_prefill(q, k, v, pos)
@@ -77,7 +53,7 @@ def test_ring_prefill_with_a_fully_masked_shard():
     one shard sends only invisible keys around the ring and owns only padding queries."""
     n, c = 4, 6
     T = 2 * n * c
-    q, k, v = _qkv(2, T, T, 8, 2, seed=1)
+    q, k, v = random_qkv(2, T, T, 8, 2, seed=1)
     pos = np.stack([np.arange(T), np.arange(T) - c])  # row 1: chunk 0 is left padding
     pos[1, (2 * n - 1) * c :] = -1  # ... and chunk 7 is padding too (allowed by attend's contract)
     pos = jnp.asarray(pos, jnp.int32)
@@ -105,8 +81,8 @@ def test_zigzag_balances_causal_work():
 
 
 def test_ring_without_sequence_axis_is_blockwise():
-    q, k, v = _qkv(1, 20, 20, 4, 2)
-    pos = _positions(20, (0,))
+    q, k, v = random_qkv(1, 20, 20, 4, 2)
+    pos = left_pad_positions(20, (0,))
     ref = attention.dense_attention(q, k, v, pos, pos)
     with jax.set_mesh(make_mesh("tensor=2,data=4")):
         assert ring.ring_size() == 1
@@ -136,7 +112,7 @@ def test_needle_through_the_ring(where):
     target = np.broadcast_to(np.arange(1.0, H + 1.0), (K, H))
     v[0, needle] = target
     q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
-    pos = _positions(T, (0,))
+    pos = left_pad_positions(T, (0,))
     with jax.set_mesh(make_mesh("sequence=4,tensor=2")):
         out = _ring_prefill(q, k, v, pos, block=32)
     out = np.asarray(out).reshape(T, K, N // K, H)
@@ -183,8 +159,8 @@ def test_decode_with_sequence_sharded_cache_equals_dense(stacked, mesh_spec, N, 
     """Prefill 5 tokens, a chunk of 4 (split back along T: psum_scatter), then 7 single-token steps: slots 5..15
     cross shard boundaries (8 slots per shard with sequence=4). Row 1 is left-padded."""
     T, S, L, H = 16, 32, 3, 16
-    q, k, v = _qkv(2, T, T, N, K, seed=3)
-    pos = _positions(T, (0, 3))
+    q, k, v = random_qkv(2, T, T, N, K, seed=3)
+    pos = left_pad_positions(T, (0, 3))
     ref = attention.dense_attention(q, k, v, pos, pos)
     mesh = make_mesh(mesh_spec)
     step = _write_and_attend(stacked)
@@ -241,7 +217,7 @@ def _tiny_model():
 def test_model_ring_forward_and_cached_decode_equal_single_device():
     B, T, n_new, max_len = 2, 27, 6, 64
     ids = jnp.asarray(np.random.RandomState(5).randint(0, TINY.vocab_size, (B, T)), jnp.int32)
-    pos = _positions(T, (0, 4))
+    pos = left_pad_positions(T, (0, 4))
     real = np.asarray(pos >= 0)
 
     # single device, dense attention

@@ -213,7 +213,7 @@ def convert(
             for _, dest in checkpoint.flatten(dests):
                 dest.on_read = bar.read
             try:
-                checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, progress=bar.wrote)
+                checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, cfg, progress=bar.wrote)
             finally:
                 bar.close()
             cfg.save(tmp / checkpoint.CONFIG)

@@ -4,29 +4,31 @@ A converted checkpoint is a directory (docs/DESIGN.md):
 
     config.json          normalized Config (model_type "glm4_jax")
     manifest.json        format, versions, parameter list, source files; written last, so it marks completion
-    params/              Orbax checkpoint (OCDBT, zarr3) of the parameter tree of `glm4_jax.model.GLM4`
+    params/              Orbax PyTree checkpoint (zarr v3 arrays, no OCDBT) of the parameters of `glm4_jax.model.GLM4`
     tokenizer.model ...  copied by the converter when the source has them
 
-This is the only module that calls Orbax. Writing goes through `write_params`, which takes a tree of
-`ArraySource`s (a `shape`, a `dtype` and `read_into(region, out)`) and writes each array one storage chunk
-(at most 30 MiB) at a time through a custom Orbax TypeHandler: a converter produces the chunks on demand from
-the source files, a few at once, and its memory does not grow with the model. The arrays are recorded as plain
-numpy arrays, so restoring uses Orbax's own handlers. Everything is written into a temporary sibling that is
-fsync'ed and renamed at the end (`staging_dir`). `save` writes an in-memory model the same way; `load` restores
-one straight into its target shardings.
+Writing goes through `write_params`, which takes a tree of `ArraySource`s (a `shape`, a `dtype` and
+`read_into(region, out)`) and writes each array one storage chunk (at most 30 MiB) at a time, a few threads at
+once: a converter produces the chunks on demand from the source files, and its memory does not grow with the
+model. The bytes go straight to the chunk files (see "writing" below), so writing needs neither JAX nor Orbax;
+restoring uses Orbax's own handlers, and this is the only module that calls Orbax. Everything is written into a
+temporary sibling that is fsync'ed and renamed at the end (`staging_dir`). `save` writes an in-memory model the
+same way; `load` restores one straight into its target shardings.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import json
+import math
 import os
 import pathlib
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -44,11 +46,8 @@ PARAMS_DIR = "params"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 
-# The most bytes in one storage chunk (the unit of writing, and of reading back). Under glibc's 32 MiB mmap
-# threshold, so the chunk buffers freed after each write are reused instead of mapped and zeroed afresh.
-CHUNK_BYTES = 30 << 20
-MAX_IN_FLIGHT = 4  # chunks in memory at once while saving (being produced or written)
-PRODUCERS = 2  # threads producing chunks (reading and transposing) while TensorStore writes others
+CHUNK_BYTES = 30 << 20  # the most bytes in one storage chunk: the unit of writing, and of reading back
+WRITERS = max(2, min(8, os.cpu_count() or 2))  # threads filling and writing chunks, one chunk each at a time
 
 
 class CheckpointError(ValueError):
@@ -113,86 +112,196 @@ def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tu
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
+# The params/ directory is written here directly, without Orbax or TensorStore in the way of the bytes: each array
+# is a zarr v3 array (zarr.json plus one file of raw little-endian bytes per chunk, no compression), and two small
+# JSON files (_METADATA, _CHECKPOINT_METADATA) make the directory the Orbax PyTree checkpoint that
+# `PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)` would have written. Orbax restores it with its own
+# handlers (`load`), and tests/test_checkpoint.py checks that it does. A chunk is then one pwrite of a buffer
+# the converter filled, so writing costs one kernel copy per byte, no more.
+
+# Logical axes split first when cutting an array into chunks: the ones a "tensor" mesh axis shards
+# (sharding/rules.py), so that a host reading its slices of a tensor-parallel layout reads whole chunks.
+SPLIT_FIRST = ("vocab", "q_heads", "kv_heads", "ffn")
+ZARR_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+ORBAX_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
-class _Writing:
-    """State shared by a save call and Orbax's writers: the threads producing chunks, a bound on the chunks in
-    memory, and cooperative cancellation.
+def chunk_shape(shape: tuple[int, ...], axes: tuple[str, ...], itemsize: int, max_bytes: int) -> tuple[int, ...]:
+    """The storage chunk of an array: one layer of a stacked array (leading "layers" axis), cut along the
+    tensor-parallel axes first, then the embed axis, then the largest, until it holds at most `max_bytes`. A cut
+    prefers a piece that divides the dim (no padded edge chunk) when one of at least half the largest fitting
+    piece exists."""
+    chunk = list(shape)
+    if axes and axes[0] == "layers":
+        chunk[0] = min(1, shape[0])
+    order = sorted(range(len(shape)), key=lambda i: (axes[i] not in SPLIT_FIRST, axes[i] != "embed", -shape[i]))
+    for i in order:
+        nbytes = math.prod(chunk) * itemsize
+        if nbytes <= max_bytes or chunk[i] <= 1:
+            continue
+        per_unit = nbytes // chunk[i]
+        most = max(1, max_bytes // per_unit)
+        divisor = next((d for d in range(most, (most + 1) // 2 - 1, -1) if shape[i] % d == 0), None)
+        chunk[i] = divisor or most
+    return tuple(chunk)
 
-    A cancelled (or failed) save does not raise inside Orbax: each writer returns quietly after the chunk it has
-    under way, so that every TensorStore write is awaited before Orbax closes its event loop. The caller then
-    raises, and deletes what was written.
+
+def _zarr_metadata(shape, dtype: np.dtype, chunk) -> dict:
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": ZARR_DTYPES[np.dtype(dtype).name],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+        "chunk_key_encoding": {"name": "default"},
+        "fill_value": 0.0,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+    }
+
+
+def _orbax_metadata(names: list[str]) -> tuple[dict, dict]:
+    """(_METADATA, _CHECKPOINT_METADATA) of an Orbax PyTree checkpoint of numpy arrays at these '/'-joined paths."""
+    tree = {
+        str(tuple(name.split("/"))): {
+            "key_metadata": [{"key": key, "key_type": 2} for key in name.split("/")],  # 2: a dict key
+            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+        }
+        for name in names
+    }
+    pytree = {
+        "tree_metadata": tree,
+        "use_ocdbt": False,
+        "use_zarr3": True,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+    now = time.time_ns()
+    step = {
+        "item_handlers": ORBAX_PYTREE_HANDLER,
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": now,
+        "commit_timestamp_nsecs": now,
+        "custom_metadata": {},
+    }
+    return pytree, step
+
+
+class _Chunk:
+    """One storage chunk to write: the array it belongs to, its region, and its file."""
+
+    __slots__ = ("source", "chunk", "region", "path")
+
+    def __init__(self, source: ArraySource, chunk: tuple[int, ...], region: tuple[slice, ...], path: str):
+        self.source, self.chunk, self.region, self.path = source, chunk, region, path
+
+
+_buffers = threading.local()
+
+
+def _buffer(nbytes: int) -> np.ndarray:
+    """This thread's chunk buffer (kept between chunks, so its pages are faulted in once)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        _buffers.buf = buf = np.empty(nbytes, np.uint8)
+    return buf[:nbytes]
+
+
+def _write_all(fd: int, data: memoryview, path: str) -> None:
+    while len(data):
+        n = os.write(fd, data)
+        if n <= 0:
+            raise OSError(f"{path}: short write")
+        data = data[n:]
+
+
+def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
+    """Fills the chunk from its source and writes its file; returns the bytes of the array it covers."""
+    if cancelled.is_set():
+        return 0
+    src, dtype = job.source, np.dtype(job.source.dtype)
+    block = tuple(r.stop - r.start for r in job.region)
+    full = _buffer(math.prod(job.chunk) * dtype.itemsize).view(dtype).reshape(job.chunk)
+    if block == job.chunk:
+        src.read_into(job.region, full)
+    else:  # an edge chunk: zarr stores it whole, padded with the fill value
+        part = np.empty(block, dtype)
+        src.read_into(job.region, part)
+        full[...] = 0
+        full[tuple(slice(0, n) for n in block)] = part
+    fd = os.open(job.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, memoryview(full.reshape(-1).view(np.uint8)), job.path)
+    finally:
+        os.close(fd)
+    return math.prod(block) * dtype.itemsize
+
+
+def write_params(
+    directory: str | os.PathLike,
+    sources: dict,
+    cfg: Config,
+    *,
+    progress: Callable[[int], None] | None = None,
+    chunk_bytes: int | None = None,
+    threads: int | None = None,
+) -> None:
+    """Writes a nested dict of `ArraySource`s, shaped like the parameters of `cfg`, as an Orbax checkpoint at
+    `directory` (which must not exist).
+
+    Each array is cut into chunks of at most `chunk_bytes` (see `chunk_shape`); `threads` threads each fill one
+    chunk at a time from its source and write it, so at most `threads` chunks are in memory. `progress(nbytes)`
+    is called after each chunk. Nothing is fsync'ed here: `staging_dir` syncs the whole tree before publishing
+    it. On any error or KeyboardInterrupt the threads stop after the chunk they have under way before the
+    exception propagates (an error from `read_into` propagates as it is), so the caller may delete the directory.
     """
+    if sys.byteorder != "little":
+        raise NotImplementedError("writing checkpoints needs a little-endian host")
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    threads = threads or WRITERS
+    directory = pathlib.Path(directory)
+    directory.mkdir()
+    layout = cfg.param_layout()
+    arrays = flatten(sources)
+    jobs = []
+    for name, source in arrays:
+        dtype = np.dtype(source.dtype)
+        chunk = chunk_shape(tuple(source.shape), layout[name][1], dtype.itemsize, chunk_bytes)
+        array_dir = directory / name.replace("/", ".")  # Orbax's name for a tree path without OCDBT
+        array_dir.mkdir()
+        (array_dir / "zarr.json").write_text(json.dumps(_zarr_metadata(source.shape, dtype, chunk)))
+        for region in chunk_regions(tuple(source.shape), chunk):
+            index = [r.start // c for r, c in zip(region, chunk, strict=True)]
+            path = array_dir.joinpath("c", *map(str, index))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append(_Chunk(source, chunk, region, str(path)))
 
-    def __init__(self, progress: Callable[[int], None] | None, max_in_flight: int, producers: int):
-        self.progress = progress
-        self.max_in_flight = max_in_flight
-        self.producers = concurrent.futures.ThreadPoolExecutor(producers, thread_name_prefix="checkpoint-chunk")
-        self.cancelled = threading.Event()
-        self.failure: BaseException | None = None  # the first error of a producer
-        self._semaphores: dict[int, asyncio.Semaphore] = {}
+    cancelled = threading.Event()
+    lock = threading.Lock()
 
-    def semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        return self._semaphores.setdefault(id(loop), asyncio.Semaphore(self.max_in_flight))
+    def work(job: _Chunk) -> None:
+        nbytes = _write_chunk(job, cancelled)
+        if progress is not None and nbytes:
+            with lock:
+                progress(nbytes)
 
-    async def produce(self, value: ArraySource, region: tuple[slice, ...]) -> np.ndarray | None:
-        """`value[region]` as a new array made by a producer thread, or None after a failure (recorded, and the
-        save cancelled). Polled, so that no thread ever calls back into the event loop."""
-
-        def work():
-            block = np.empty(tuple(s.stop - s.start for s in region), value.dtype)
-            value.read_into(region, block)
-            return block
-
-        future = self.producers.submit(work)
-        while not future.done():
-            await asyncio.sleep(0.002)
-        try:
-            return future.result()
-        except BaseException as e:
-            self.failure = self.failure or e
-            self.cancelled.set()
-            return None
-
-
-def _streaming_handler(writing: _Writing):
-    """An Orbax TypeHandler that writes `ArraySource`s chunk by chunk. It records them as plain numpy arrays
-    ('np.ndarray'), so restoring needs no custom handler."""
-    import orbax.checkpoint as ocp
-    import tensorstore as ts
-
-    class StreamingHandler(ocp.type_handlers.NumpyHandler):
-        def __init__(self):
-            # No defensive host copy: the sources are read lazily, chunk by chunk.
-            super().__init__(deepcopy_host_arrays=False)
-
-        async def _open_and_write(self, value: ArraySource, tspec: dict[str, Any], ts_context):
-            if writing.cancelled.is_set():
-                return
-            _no_fsync(tspec)  # one fsync of the whole tree at the end instead (staging_dir): much faster
-            t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-            chunk = tuple(t.chunk_layout.write_chunk.shape)
-            for region in chunk_regions(tuple(value.shape), chunk):
-                async with writing.semaphore():  # at most max_in_flight chunks in memory
-                    block = None if writing.cancelled.is_set() else await writing.produce(value, region)
-                    if block is None:
-                        return
-                    await t[region].write(block, can_reference_source_data_indefinitely=True)
-                if writing.progress is not None:
-                    writing.progress(block.nbytes)
-                del block
-
-    return StreamingHandler()
-
-
-def _no_fsync(spec: dict) -> None:
-    """Turns off TensorStore's fsync after every write in the file kvstores of a spec (in place)."""
-    for value in spec.values():
-        if isinstance(value, dict):
-            if value.get("driver") == "file":
-                value["file_io_sync"] = False
-            _no_fsync(value)
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-write")
+    try:
+        futures = [pool.submit(work, job) for job in jobs]
+        pending = set(futures)
+        while pending:  # in slices, so that a KeyboardInterrupt reaches this thread promptly
+            done, pending = concurrent.futures.wait(pending, 0.1, concurrent.futures.FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    raise future.exception()
+    except BaseException:
+        cancelled.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    pytree, step = _orbax_metadata([name for name, _ in arrays])
+    (directory / "_METADATA").write_text(json.dumps(pytree))
+    (directory / "_CHECKPOINT_METADATA").write_text(json.dumps(step))
 
 
 def fsync_tree(root: pathlib.Path) -> None:
@@ -213,70 +322,6 @@ def fsync_tree(root: pathlib.Path) -> None:
     with concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="fsync") as pool:
         list(pool.map(fsync, files))
         list(pool.map(fsync, dirs))
-
-
-def write_params(
-    directory: str | os.PathLike,
-    sources: dict,
-    *,
-    progress: Callable[[int], None] | None = None,
-    chunk_bytes: int | None = None,
-    max_in_flight: int | None = None,
-    compress: bool = False,
-) -> None:
-    """Writes a nested dict of `ArraySource`s as an Orbax checkpoint at `directory` (which must not exist).
-
-    Arrays are cut into chunks of at most `chunk_bytes`; arrays with a leading layer axis (under "layers") get
-    one layer per chunk. At most `max_in_flight` chunks are in memory at once. `progress(nbytes)` is called after
-    each chunk is written. The chunks are not fsync'ed one by one: `staging_dir` syncs the whole tree once before
-    publishing it. On any error or KeyboardInterrupt the writers are stopped before the exception propagates (an
-    error from `read_into` propagates as it is), so the caller may delete the directory at once.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    chunk_bytes, max_in_flight = chunk_bytes or CHUNK_BYTES, max_in_flight or MAX_IN_FLIGHT
-    writing = _Writing(progress, max_in_flight, producers=min(PRODUCERS, max_in_flight))
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (ArraySource, _streaming_handler(writing)),
-        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),  # unused; Orbax warns when it is absent
-    )
-
-    def save_args(path, leaf):
-        stacked = any(getattr(k, "key", None) == "layers" for k in path)
-        return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if stacked else ())
-
-    handler = ocp.PyTreeCheckpointHandler(
-        use_ocdbt=True, use_zarr3=True, use_compression=compress, type_handler_registry=registry
-    )
-    checkpointer = ocp.Checkpointer(handler)
-    args = ocp.args.PyTreeSave(sources, save_args=jax.tree_util.tree_map_with_path(save_args, sources))
-    errors: list[BaseException] = []
-
-    def save():
-        try:
-            checkpointer.save(pathlib.Path(directory).absolute(), args=args)
-        except BaseException as e:
-            errors.append(e)
-
-    # Orbax runs its event loop in the calling thread; a KeyboardInterrupt there would tear the loop down under
-    # TensorStore's writes. So the save runs in a thread of its own, and an interrupt here cancels it cleanly.
-    thread = threading.Thread(target=save, name="checkpoint-save", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.1)
-    except BaseException:
-        writing.cancelled.set()  # each writer stops after the chunk it has under way
-        thread.join()
-        raise
-    finally:
-        writing.producers.shutdown(wait=True)
-        checkpointer.close()
-    if writing.failure is not None:
-        raise writing.failure
-    if errors:
-        raise errors[0]
 
 
 @contextlib.contextmanager
@@ -372,7 +417,7 @@ def save(path: str | os.PathLike, model_or_params, cfg: Config, *, overwrite: bo
     params = _map(lambda x: NumpySource(x, np_dtype(cfg.dtype)), params)
     _check_tree(params, cfg, what="parameters given to save()")
     with staging_dir(path, overwrite=overwrite) as tmp:
-        write_params(tmp / PARAMS_DIR, params)
+        write_params(tmp / PARAMS_DIR, params, cfg)
         cfg.save(tmp / CONFIG)
         write_manifest(tmp, cfg, params)
 
@@ -384,13 +429,30 @@ def _map(fn, tree):
 # ---- checking and loading -------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """The shape, dtype and logical axes of one parameter (a leaf for jax.tree, like a ShapeDtypeStruct)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
 def expected_params(cfg: Config) -> dict:
-    """The parameter tree of `GLM4(cfg)` as `jax.ShapeDtypeStruct`s (nothing allocated)."""
-    from flax import nnx
-
-    from glm4_jax.model import abstract_model
-
-    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    """The parameter tree of `GLM4(cfg)` as `ParamSpec`s, from `Config.param_layout` (no JAX needed)."""
+    dtype = np_dtype(cfg.dtype)
+    tree: dict = {}
+    for path, (shape, axes) in cfg.param_layout().items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = ParamSpec(shape, dtype, axes)
+    return tree
 
 
 def _check_tree(tree: dict, cfg: Config, *, what: str) -> None:

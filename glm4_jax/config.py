@@ -70,6 +70,44 @@ class Config:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def param_layout(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Every parameter of the model: path ("layers/q") -> (shape, logical axis names).
+
+        The one table of parameter shapes: `glm4_jax.model.GLM4` builds its parameters from it, and the converter
+        and checkpoint code read it without importing JAX. Letters as in glm4_jax/model.py; the layers are stacked
+        along a leading L axis.
+        """
+        L, D, N, K, H, F, V = (
+            self.num_layers,
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size,
+        )
+        layout = {
+            "embed": ((V, D), ("vocab", "embed")),
+            "layers/attn_norm": ((L, D), ("layers", "norm")),
+            "layers/q": ((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
+            "layers/k": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+            "layers/v": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        }
+        if self.attention_bias:
+            layout["layers/q_bias"] = ((L, N, H), ("layers", "q_heads", "head_dim"))
+            layout["layers/k_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+            layout["layers/v_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+        layout |= {
+            "layers/o": ((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+            "layers/mlp_norm": ((L, D), ("layers", "norm")),
+            "layers/gate": ((L, D, F), ("layers", "embed", "ffn")),
+            "layers/up": ((L, D, F), ("layers", "embed", "ffn")),
+            "layers/down": ((L, F, D), ("layers", "ffn", "embed")),
+            "final_norm": ((D,), ("norm",)),
+            "lm_head": ((D, V), ("embed", "vocab")),
+        }
+        return layout
+
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 

@@ -41,34 +41,27 @@ class Layers(nnx.Module):
     """The weights of all decoder layers, stacked along a leading L axis."""
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        L, D, N, K, H, F = (
-            cfg.num_layers,
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-        )
+        layout = cfg.param_layout()  # shapes and axes of every parameter
         dt = jnp.dtype(cfg.dtype)
 
-        def p(shape, axes, init="normal"):
-            assert len(shape) == len(axes)
+        def p(name, init="normal"):
+            shape, axes = layout["layers/" + name]
             value = jnp.ones(shape, dt) if init == "ones" else _normal(rngs, shape, dt)
             return nnx.Param(value, axes=axes)
 
-        self.attn_norm = p((L, D), ("layers", "norm"), "ones")
-        self.q = p((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"))
-        self.k = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
-        self.v = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        self.attn_norm = p("attn_norm", "ones")
+        self.q = p("q")  # [L, D, N, H]
+        self.k = p("k")  # [L, D, K, H]
+        self.v = p("v")  # [L, D, K, H]
         if cfg.attention_bias:
-            self.q_bias = p((L, N, H), ("layers", "q_heads", "head_dim"))
-            self.k_bias = p((L, K, H), ("layers", "kv_heads", "head_dim"))
-            self.v_bias = p((L, K, H), ("layers", "kv_heads", "head_dim"))
-        self.o = p((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"))
-        self.mlp_norm = p((L, D), ("layers", "norm"), "ones")
-        self.gate = p((L, D, F), ("layers", "embed", "ffn"))
-        self.up = p((L, D, F), ("layers", "embed", "ffn"))
-        self.down = p((L, F, D), ("layers", "ffn", "embed"))
+            self.q_bias = p("q_bias")  # [L, N, H]
+            self.k_bias = p("k_bias")  # [L, K, H]
+            self.v_bias = p("v_bias")  # [L, K, H]
+        self.o = p("o")  # [L, N, H, D]
+        self.mlp_norm = p("mlp_norm", "ones")
+        self.gate = p("gate")  # [L, D, F]
+        self.up = p("up")  # [L, D, F]
+        self.down = p("down")  # [L, F, D]
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -150,11 +143,14 @@ class GLM4(nnx.Module):
         # Static choice of attention kernel (see glm4_jax.attention.IMPLEMENTATIONS); may be set after construction.
         self.attention_impl = attention_impl
         dt = jnp.dtype(cfg.dtype)
-        V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed = nnx.Param(_normal(rngs, (V, D), dt), axes=("vocab", "embed"))
+        layout = cfg.param_layout()
+        (shape, axes) = layout["embed"]
+        self.embed = nnx.Param(_normal(rngs, shape, dt), axes=axes)  # [V, D]
         self.layers = Layers(cfg, rngs=rngs)
-        self.final_norm = nnx.Param(jnp.ones((D,), dt), axes=("norm",))
-        self.lm_head = nnx.Param(_normal(rngs, (D, V), dt), axes=("embed", "vocab"))
+        (shape, axes) = layout["final_norm"]
+        self.final_norm = nnx.Param(jnp.ones(shape, dt), axes=axes)  # [D]
+        (shape, axes) = layout["lm_head"]
+        self.lm_head = nnx.Param(_normal(rngs, shape, dt), axes=axes)  # [D, V]
 
     def __call__(
         self,

@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import errno
 import itertools
 import json
 import math
@@ -78,7 +79,12 @@ class ArraySource:
         that block's shape and of dtype `self.dtype`."""
         raise NotImplementedError
 
-    # Orbax looks at these.
+    def copy_into(self, region: tuple[slice, ...], fd: int) -> bool:
+        """Writes `array[region]` to the file `fd` inside the kernel (`copy_range`) when the source holds it exactly
+        as it must be written, as one byte range of a file, and returns True; otherwise (the default) writes
+        nothing and returns False, and the writer uses `read_into`."""
+        return False
+
     @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
@@ -221,20 +227,46 @@ def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
         return 0
     src, dtype = job.source, np.dtype(job.source.dtype)
     block = tuple(r.stop - r.start for r in job.region)
-    full = _buffer(math.prod(job.chunk) * dtype.itemsize).view(dtype).reshape(job.chunk)
-    if block == job.chunk:
-        src.read_into(job.region, full)
-    else:  # an edge chunk: zarr stores it whole, padded with the fill value
-        part = np.empty(block, dtype)
-        src.read_into(job.region, part)
-        full[...] = 0
-        full[tuple(slice(0, n) for n in block)] = part
     fd = os.open(job.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        if block == job.chunk and src.copy_into(job.region, fd):
+            return math.prod(block) * dtype.itemsize
+        full = _buffer(math.prod(job.chunk) * dtype.itemsize).view(dtype).reshape(job.chunk)
+        if block == job.chunk:
+            src.read_into(job.region, full)
+        else:  # an edge chunk: zarr stores it whole, padded with the fill value
+            part = np.empty(block, dtype)
+            src.read_into(job.region, part)
+            full[...] = 0
+            full[tuple(slice(0, n) for n in block)] = part
         _write_all(fd, memoryview(full.reshape(-1).view(np.uint8)), job.path)
     finally:
         os.close(fd)
     return math.prod(block) * dtype.itemsize
+
+
+def copy_range(path: str | os.PathLike, offset: int, nbytes: int, fd: int) -> bool:
+    """Appends `nbytes` bytes of the file `path`, from `offset`, to the file `fd` with copy_file_range: no copy
+    through user space, as `cp` does. Returns False, with nothing written, where the kernel cannot (an older
+    kernel across filesystems, say); raises OSError if `path` is shorter."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.copy_file_range(src, fd, nbytes - done, offset + done)
+            except OSError as e:
+                if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    return False
+                raise
+            if n <= 0:
+                raise OSError(errno.EIO, f"{path}: ends before byte {offset + nbytes}")
+            done += n
+    finally:
+        os.close(src)
+    return True
 
 
 def write_params(
@@ -280,7 +312,11 @@ def write_params(
     lock = threading.Lock()
 
     def work(job: _Chunk) -> None:
-        nbytes = _write_chunk(job, cancelled)
+        try:
+            nbytes = _write_chunk(job, cancelled)
+        except BaseException:
+            cancelled.set()  # the other threads stop after the chunk they have under way
+            raise
         if progress is not None and nbytes:
             with lock:
                 progress(nbytes)

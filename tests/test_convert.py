@@ -186,6 +186,41 @@ def test_bfloat16_default(hf_model, tmp_path):
     np.testing.assert_array_equal(np.asarray(widened.lm_head[...]), want)
 
 
+def test_kernel_copy_and_its_fallback_write_the_same_files(hf_model, tmp_path, monkeypatch):
+    """Tensors stored as they are (embedding, norms) go by copy_file_range; where the kernel refuses it (EXDEV:
+    across filesystems on older kernels) they go through memory instead, to the same bytes."""
+    import errno
+
+    save_thudm(hf_model, tmp_path / "src", shards=2)
+    real, copied = os.copy_file_range, []
+
+    def spy(*args):
+        copied.append(args[2])
+        return real(*args)
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    convert(tmp_path / "src", tmp_path / "a", "--dtype", "float32")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    convert(tmp_path / "src", tmp_path / "b", "--dtype", "float32")
+    embed = hf_model.state_dict()["model.embed_tokens.weight"]
+    assert sum(copied) >= embed.numel() * 4  # the embedding at least went by the kernel copy
+
+    def files(root):
+        params = root / checkpoint.PARAMS_DIR
+        return {
+            str(p.relative_to(params)): p.read_bytes()
+            for p in sorted(params.rglob("*"))
+            if p.is_file() and p.name != "_CHECKPOINT_METADATA"  # holds timestamps
+        }
+
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) > 30
+    assert [k for k in a if a[k] != b[k]] == []
+
+
 def test_manifest_config_and_tokenizer(hf_model, tmp_path):
     src = save_thudm(hf_model, tmp_path / "src", shards=2)
     (src / "tokenizer.model").write_bytes(b"IQ== 0\n")

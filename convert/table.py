@@ -277,6 +277,12 @@ class Destination(ArraySource):
             for j, layer in enumerate(range(region[0].start, region[0].stop)):
                 self._fill(layer, region[1:], out[j])
 
+    def position(self, region):
+        """(file, offset) of the source tensor a region comes from: a cold page cache then reads each file in
+        order, as the read-ahead hint of the converter does."""
+        info, _ = self.parts[region[0].start if self.stacked else 0]
+        return (str(info.path), info.offset)
+
     def copy_into(self, region, fd):
         """An in-kernel copy of a region that a source tensor holds as it is (same dtype, whole rows)."""
         if self.stacked:

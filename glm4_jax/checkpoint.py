@@ -79,6 +79,11 @@ class ArraySource:
         that block's shape and of dtype `self.dtype`."""
         raise NotImplementedError
 
+    def position(self, region: tuple[slice, ...]) -> tuple:
+        """Where the data of `array[region]` comes from, as a sortable key: the writer makes the chunks in this
+        order, so that sources on disk are read front to back. () (the default) keeps the order of the tree."""
+        return ()
+
     def copy_into(self, region: tuple[slice, ...], fd: int) -> bool:
         """Writes `array[region]` to the file `fd` inside the kernel (`copy_range`) when the source holds it exactly
         as it must be written, as one byte range of a file, and returns True; otherwise (the default) writes
@@ -308,6 +313,7 @@ def write_params(
             path.parent.mkdir(parents=True, exist_ok=True)
             jobs.append(_Chunk(source, chunk, region, str(path)))
 
+    jobs.sort(key=lambda job: job.source.position(job.region))  # stable: tree order among equal keys
     cancelled = threading.Event()
     lock = threading.Lock()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -118,31 +120,23 @@ class Progress:
 
 
 class Hasher:
-    """sha256 of the source files in a daemon thread, alongside the conversion (stopped at once on failure)."""
+    """sha256 of the source files alongside the conversion, several files at once on machines with the cores for
+    it (a quarter of them; the conversion has the rest), stopped at once on failure."""
 
     def __init__(self, paths: list[pathlib.Path]):
-        self.paths = paths
         self.digests: dict[pathlib.Path, str] = {}
-        self.error: BaseException | None = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            for p in self.paths:
-                digest = sha256(p, stop=self.stop)
-                if digest is None:
-                    return
-                self.digests[p] = digest
-        except BaseException as e:  # reported by result()
-            self.error = e
+        threads = max(1, min(len(paths), (os.cpu_count() or 2) // 4))
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sha256")
+        # in file order, the order in which the conversion reads them too
+        self.futures = {p: self.pool.submit(sha256, p, stop=self.stop) for p in paths}
+        self.pool.shutdown(wait=False)
 
     def result(self) -> dict[pathlib.Path, str]:
-        self.thread.join()
-        if self.error is not None:
-            raise ConvertError(f"hashing the source files failed: {self.error}")
-        return self.digests
+        try:
+            return {p: f.result() for p, f in self.futures.items()}
+        except Exception as e:
+            raise ConvertError(f"hashing the source files failed: {e}") from None
 
 
 def _layout(config_path: pathlib.Path) -> str:

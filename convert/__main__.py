@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="hash",
         action="store_false",
         help="do not record the sha256 of the source files in manifest.json (saves a second read of the source "
-        "and its hashing: a third of the time on two cores, little where there are cores to spare)",
+        "and its hashing: a third of the time, measured on two cores)",
     )
     bar = p.add_mutually_exclusive_group()
     bar.add_argument(

@@ -127,11 +127,11 @@ def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tu
 # is a zarr v3 array (zarr.json plus one file of raw little-endian bytes per chunk, no compression), and two small
 # JSON files (_METADATA, _CHECKPOINT_METADATA) make the directory the Orbax PyTree checkpoint that
 # `PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)` would have written. Orbax restores it with its own
-# handlers (`load`), and tests/test_checkpoint.py checks that it does. A chunk is then one pwrite of a buffer
-# the converter filled, so writing costs one kernel copy per byte, no more.
+# handlers (`load`), and tests/test_writer.py checks that it does. A chunk is then one write of a buffer the
+# converter filled (or one copy_file_range), so writing costs one kernel copy per byte, no more.
 
 # Logical axes split first when cutting an array into chunks: the ones a "tensor" mesh axis shards
-# (sharding/rules.py), so that a host reading its slices of a tensor-parallel layout reads whole chunks.
+# (sharding/rules.py), so that a host of a tensor-parallel layout reads little beyond its own slices.
 SPLIT_FIRST = ("vocab", "q_heads", "kv_heads", "ffn")
 ZARR_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 ORBAX_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"

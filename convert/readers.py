@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import struct
@@ -26,6 +27,8 @@ import threading
 
 import ml_dtypes
 import numpy as np
+
+from glm4_jax.checkpoint import ScratchBuffer
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -164,15 +167,13 @@ def read_header(path: pathlib.Path, origin: str | None = None) -> dict[str, Tens
     return tensors
 
 
-_scratch = threading.local()
+_scratch = ScratchBuffer(min_bytes=1 << 20)  # source blocks (the writer fills its chunks from them)
 
 
-def _scratch_buffer(nbytes: int) -> np.ndarray:
-    """A byte buffer of this thread, reused by the next call (grown as needed)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.nbytes < nbytes:
-        _scratch.buf = buf = np.empty(max(nbytes, 1 << 20), np.uint8)
-    return buf[:nbytes]
+def rows_range(info: TensorInfo, rows: slice) -> tuple[int, int]:
+    """(offset in the file, bytes) of `tensor[rows]`: whole rows are one contiguous byte range."""
+    row = math.prod(info.shape[1:]) * info.dtype.itemsize
+    return info.offset + rows.start * row, (rows.stop - rows.start) * row
 
 
 def _pread(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
@@ -200,10 +201,10 @@ def read_block(info: TensorInfo, rows: slice, cols: slice | None = None, *, into
         assert into.flags.c_contiguous and into.dtype == info.dtype and into.nbytes == nbytes
         buf = into.reshape(-1).view(np.uint8)
     else:
-        buf = _scratch_buffer(nbytes)
+        buf = _scratch.get(nbytes)
     view = memoryview(buf)
     with open(info.path, "rb", buffering=0) as f:
-        start = info.offset + rows.start * row * isz
+        start, _ = rows_range(info, rows)
         if cols is None:
             _pread(f.fileno(), view, start, info)
         else:

@@ -12,7 +12,6 @@ from the block. Nothing is ever materialized beyond one storage chunk, so the co
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 
@@ -21,7 +20,7 @@ import numpy as np
 from glm4_jax.checkpoint import ArraySource, copy_range
 from glm4_jax.config import Config
 
-from .readers import ConvertError, TensorInfo, read_block
+from .readers import ConvertError, TensorInfo, read_block, rows_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,12 +295,11 @@ class Destination(ArraySource):
             return False
         if any((r.start, r.stop) != (0, n) for r, n in zip(region[1:], info.shape[1:], strict=True)):
             return False
-        row = math.prod(info.shape[1:]) * info.dtype.itemsize
-        nrows = region[0].stop - region[0].start
-        if not copy_range(info.path, info.offset + region[0].start * row, nrows * row, fd):
+        offset, nbytes = rows_range(info, region[0])
+        if not copy_range(info.path, offset, nbytes, fd):
             return False
         if self.on_read is not None:
-            self.on_read(info, nrows * row // info.dtype.itemsize)
+            self.on_read(info, nbytes // info.dtype.itemsize)
         return True
 
     def _fill(self, layer: int, region, out: np.ndarray) -> None:

@@ -90,18 +90,6 @@ class ArraySource:
         nothing and returns False, and the writer uses `read_into`."""
         return False
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
 
 class NumpySource(ArraySource):
     """An array already in memory (numpy, or anything `np.asarray` accepts, such as a jax.Array)."""
@@ -113,6 +101,21 @@ class NumpySource(ArraySource):
 
     def read_into(self, region, out):
         out[...] = self.value[region]
+
+
+class ScratchBuffer:
+    """A byte buffer for each thread, kept between calls (so its pages are faulted in once) and grown as needed.
+    `get` returns a view that the thread's next `get` overwrites."""
+
+    def __init__(self, min_bytes: int = 0):
+        self.min_bytes = min_bytes
+        self._local = threading.local()
+
+    def get(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            self._local.buf = buf = np.empty(max(nbytes, self.min_bytes), np.uint8)
+        return buf[:nbytes]
 
 
 def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
@@ -133,7 +136,6 @@ def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tu
 # Logical axes split first when cutting an array into chunks: the ones a "tensor" mesh axis shards
 # (sharding/rules.py), so that a host of a tensor-parallel layout reads little beyond its own slices.
 SPLIT_FIRST = ("vocab", "q_heads", "kv_heads", "ffn")
-ZARR_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 ORBAX_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
@@ -162,7 +164,7 @@ def _zarr_metadata(shape, dtype: np.dtype, chunk) -> dict:
         "zarr_format": 3,
         "node_type": "array",
         "shape": list(shape),
-        "data_type": ZARR_DTYPES[np.dtype(dtype).name],
+        "data_type": np.dtype(dtype).name,  # zarr v3 names bfloat16, float16 and float32 as numpy does
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
         "chunk_key_encoding": {"name": "default"},
         "fill_value": 0.0,
@@ -207,15 +209,7 @@ class _Chunk:
         self.source, self.chunk, self.region, self.path = source, chunk, region, path
 
 
-_buffers = threading.local()
-
-
-def _buffer(nbytes: int) -> np.ndarray:
-    """This thread's chunk buffer (kept between chunks, so its pages are faulted in once)."""
-    buf = getattr(_buffers, "buf", None)
-    if buf is None or buf.nbytes < nbytes:
-        _buffers.buf = buf = np.empty(nbytes, np.uint8)
-    return buf[:nbytes]
+_chunk_buffer = ScratchBuffer()
 
 
 def _write_all(fd: int, data: memoryview, path: str) -> None:
@@ -236,7 +230,7 @@ def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
     try:
         if block == job.chunk and src.copy_into(job.region, fd):
             return math.prod(block) * dtype.itemsize
-        full = _buffer(math.prod(job.chunk) * dtype.itemsize).view(dtype).reshape(job.chunk)
+        full = _chunk_buffer.get(math.prod(job.chunk) * dtype.itemsize).view(dtype).reshape(job.chunk)
         if block == job.chunk:
             src.read_into(job.region, full)
         else:  # an edge chunk: zarr stores it whole, padded with the fill value
@@ -473,11 +467,10 @@ def _map(fn, tree):
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """The shape, dtype and logical axes of one parameter (a leaf for jax.tree, like a ShapeDtypeStruct)."""
+    """The shape and dtype of one parameter (a leaf for jax.tree, like a ShapeDtypeStruct)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    axes: tuple[str, ...]
 
     @property
     def size(self) -> int:
@@ -488,12 +481,12 @@ def expected_params(cfg: Config) -> dict:
     """The parameter tree of `GLM4(cfg)` as `ParamSpec`s, from `Config.param_layout` (no JAX needed)."""
     dtype = np_dtype(cfg.dtype)
     tree: dict = {}
-    for path, (shape, axes) in cfg.param_layout().items():
+    for path, (shape, _) in cfg.param_layout().items():
         *parents, leaf = path.split("/")
         node = tree
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = ParamSpec(shape, dtype, axes)
+        node[leaf] = ParamSpec(shape, dtype)
     return tree
 
 

@@ -37,17 +37,20 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _param(cfg: Config, path: str, rngs: nnx.Rngs, init: str = "normal") -> nnx.Param:
+    """The parameter at `path` of `Config.param_layout` (shape and logical axes): normal(0.02) or ones."""
+    shape, axes = cfg.param_layout()[path]
+    dt = jnp.dtype(cfg.dtype)
+    value = jnp.ones(shape, dt) if init == "ones" else _normal(rngs, shape, dt)
+    return nnx.Param(value, axes=axes)
+
+
 class Layers(nnx.Module):
     """The weights of all decoder layers, stacked along a leading L axis."""
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        layout = cfg.param_layout()  # shapes and axes of every parameter
-        dt = jnp.dtype(cfg.dtype)
-
         def p(name, init="normal"):
-            shape, axes = layout["layers/" + name]
-            value = jnp.ones(shape, dt) if init == "ones" else _normal(rngs, shape, dt)
-            return nnx.Param(value, axes=axes)
+            return _param(cfg, "layers/" + name, rngs, init)
 
         self.attn_norm = p("attn_norm", "ones")
         self.q = p("q")  # [L, D, N, H]
@@ -142,15 +145,10 @@ class GLM4(nnx.Module):
         self.cfg = cfg
         # Static choice of attention kernel (see glm4_jax.attention.IMPLEMENTATIONS); may be set after construction.
         self.attention_impl = attention_impl
-        dt = jnp.dtype(cfg.dtype)
-        layout = cfg.param_layout()
-        (shape, axes) = layout["embed"]
-        self.embed = nnx.Param(_normal(rngs, shape, dt), axes=axes)  # [V, D]
+        self.embed = _param(cfg, "embed", rngs)  # [V, D]
         self.layers = Layers(cfg, rngs=rngs)
-        (shape, axes) = layout["final_norm"]
-        self.final_norm = nnx.Param(jnp.ones(shape, dt), axes=axes)  # [D]
-        (shape, axes) = layout["lm_head"]
-        self.lm_head = nnx.Param(_normal(rngs, shape, dt), axes=axes)  # [D, V]
+        self.final_norm = _param(cfg, "final_norm", rngs, "ones")  # [D]
+        self.lm_head = _param(cfg, "lm_head", rngs)  # [D, V]
 
     def __call__(
         self,

@@ -35,6 +35,8 @@ def build(root: str, *, layers: int, vocab: int, shards: int, seed: int = 0) -> 
 
     from safetensors.numpy import save_file
 
+    from glm4_jax.fixtures import thudm_config
+
     D, F, N, K, H = 4096, 13696, 32, 2, 128
     shapes = {"transformer.embedding.word_embeddings.weight": (vocab, D)}
     for i in range(layers):
@@ -77,30 +79,18 @@ def build(root: str, *, layers: int, vocab: int, shards: int, seed: int = 0) -> 
         del arrays
     with open(os.path.join(root, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    config = {
-        "model_type": "chatglm",
-        "architectures": ["ChatGLMModel"],
-        "add_bias_linear": False,
-        "add_qkv_bias": True,
-        "apply_residual_connection_post_layernorm": False,
-        "ffn_hidden_size": F,
-        "hidden_size": D,
-        "kv_channels": H,
-        "layernorm_epsilon": 1.5625e-07,
-        "multi_query_attention": True,
-        "multi_query_group_num": K,
-        "num_attention_heads": N,
-        "num_layers": layers,
-        "padded_vocab_size": vocab,
-        "post_layer_norm": True,
-        "rmsnorm": True,
-        "rope_ratio": 500,
-        "seq_length": 131072,
-        "eos_token_id": [vocab - 3, vocab - 2, vocab - 1],
-        "pad_token_id": vocab - 3,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
+    config = thudm_config(
+        vocab,
+        eos_token_id=[vocab - 3, vocab - 2, vocab - 1],
+        pad_token_id=vocab - 3,
+        num_layers=layers,
+        hidden_size=D,
+        num_attention_heads=N,
+        multi_query_group_num=K,
+        kv_channels=H,
+        ffn_hidden_size=F,
+        seq_length=131072,
+    )
     with open(os.path.join(root, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return total, max(sizes.values())

@@ -30,21 +30,11 @@ from flax import nnx  # noqa: E402
 
 from glm4_jax import attention  # noqa: E402
 from glm4_jax.config import Config, preset  # noqa: E402
+from glm4_jax.fixtures import SHARDABLE  # noqa: E402
 from glm4_jax.model import KVCache, abstract_model, init_model  # noqa: E402
 
-TINY = Config(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    max_seq_len=1 << 20,
-    eos_token_ids=(1,),
-    pad_token_id=0,
-)
+# The sharding tests' tiny model with 4 query heads, a 1M-token context and bfloat16 weights.
+TINY = SHARDABLE.replace(num_heads=4, rope_theta=10000.0, max_seq_len=1 << 20, dtype="bfloat16")
 
 
 def parse_args(argv=None):

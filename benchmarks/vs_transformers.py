@@ -37,18 +37,9 @@ def hf_model(args):
     from transformers import GlmConfig, GlmForCausalLM
 
     if args.tiny:
-        cfg = GlmConfig(
-            vocab_size=1024,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=4096,
-            pad_token_id=0,
-            eos_token_id=[1],
-        )
+        from glm4_jax.fixtures import TINY, hf_glm_kwargs
+
+        cfg = GlmConfig(**hf_glm_kwargs(TINY))
     else:
         cfg = GlmConfig()  # glm-4-9b-chat sizes
     torch.manual_seed(0)

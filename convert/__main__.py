@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+from glm4_jax.config import DTYPES
+
 DESCRIPTION = """\
 Convert a GLM-4-9B checkpoint to a glm4-jax checkpoint (Orbax arrays + config + manifest + tokenizer), which
 `glm4_jax.load(DST)` and `python -m glm4_jax.generate --ckpt DST` read with nothing else.
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("dst", metavar="DST", help="output directory; must not exist unless --force")
     p.add_argument(
         "--dtype",
-        choices=("bfloat16", "float32", "float16"),
+        choices=DTYPES,
         default="bfloat16",
         help="dtype of the stored parameters (default: bfloat16, as GLM-4 ships)",
     )

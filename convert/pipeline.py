@@ -11,10 +11,12 @@ import shutil
 import sys
 import threading
 
-from glm4_jax.config import Config
+from glm4_jax.config import Config, np_dtype
+from glm4_jax.fileio import staging_dir
+from glm4_jax.paths import flatten
 
 from .readers import ConvertError, TensorInfo, bin_to_safetensors, find_files, read_header, readahead, sha256
-from .table import LAYOUTS, plan
+from .table import LAYOUTS, map_tensors
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 DISK_SLACK = 16 << 20  # config, manifest, Orbax metadata
@@ -169,7 +171,7 @@ def convert(
     root = resolve_source(src, revision)
     dst_path = pathlib.Path(dst).expanduser().absolute()
     check_destination(root, dst_path, force)
-    checkpoint.np_dtype(dtype)
+    np_dtype(dtype)
     config_path = root / "config.json"
     cfg = Config.from_file(config_path).replace(dtype=dtype)
     layout = _layout(config_path)
@@ -177,10 +179,10 @@ def convert(
     tensors = None
     if files.kind == "safetensors":
         tensors = inventory(files, None)
-        plan(cfg, layout, tensors)  # every name and shape checked before anything is written
+        map_tensors(cfg, layout, tensors)  # every name and shape checked before anything is written
 
-    itemsize = checkpoint.np_dtype(dtype).itemsize
-    out_bytes = sum(a.size * itemsize for _, a in checkpoint.flatten(checkpoint.expected_params(cfg)))
+    itemsize = np_dtype(dtype).itemsize
+    out_bytes = sum(a.size * itemsize for _, a in flatten(checkpoint.expected_params(cfg)))
     extra = [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
     need = out_bytes + sum(p.stat().st_size for p in extra) + DISK_SLACK
     if files.kind == "bin":
@@ -194,17 +196,17 @@ def convert(
 
     sources = [config_path, *([files.index] if files.index else []), *files.files]
     hasher = None
-    with checkpoint.staging_dir(dst_path, overwrite=force) as tmp:
+    with staging_dir(dst_path, overwrite=force) as tmp:
         try:
             if tensors is None:
                 work = tmp / ".bin-as-safetensors"
                 work.mkdir()
                 tensors = inventory(files, work)
-            dests, used = plan(cfg, layout, tensors)
+            dests, used = map_tensors(cfg, layout, tensors)
             readahead(sorted({t.path for t in used}))
             hasher = Hasher(sources) if hash_files else None
             bar = Progress(out_bytes, used, progress)
-            for _, dest in checkpoint.flatten(dests):
+            for _, dest in flatten(dests):
                 dest.on_read = bar.read
             try:
                 checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, cfg, progress=bar.wrote)

@@ -28,7 +28,7 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from glm4_jax.checkpoint import ScratchBuffer
+from glm4_jax.fileio import ScratchBuffer
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

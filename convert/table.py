@@ -17,8 +17,9 @@ import sys
 
 import numpy as np
 
-from glm4_jax.checkpoint import ArraySource, copy_range
-from glm4_jax.config import Config
+from glm4_jax.config import Config, np_dtype
+from glm4_jax.fileio import ArraySource, copy_range
+from glm4_jax.paths import unflatten
 
 from .readers import ConvertError, TensorInfo, read_block, rows_range
 
@@ -254,7 +255,7 @@ def hf_rules(d: Dims, bias: bool) -> list[Rule]:
 LAYOUTS = {"chatglm": ("THUDM", thudm_rules), "glm": ("transformers", hf_rules)}
 
 
-# ---- the plan -----------------------------------------------------------------------------------------------------
+# ---- the mapping ----------------------------------------------------------------------------------------------------
 
 
 class Destination(ArraySource):
@@ -328,7 +329,7 @@ def _patterns(rules: list[Rule]):
     return out
 
 
-def plan(cfg: Config, layout: str, tensors: dict[str, TensorInfo]) -> tuple[dict, list[TensorInfo]]:
+def map_tensors(cfg: Config, layout: str, tensors: dict[str, TensorInfo]) -> tuple[dict, list[TensorInfo]]:
     """Maps every source tensor through the table of `layout` ("chatglm" or "glm").
 
     Returns (tree of Destination arrays shaped like the model's parameters, the source tensors used). Raises
@@ -336,15 +337,13 @@ def plan(cfg: Config, layout: str, tensors: dict[str, TensorInfo]) -> tuple[dict
     used exactly once or dropped on purpose), a tensor the model needs but the source lacks, or a shape that
     disagrees with the config.
     """
-    from glm4_jax.checkpoint import expected_params, flatten, np_dtype
-
     layout_name, make_rules = LAYOUTS[layout]
     d = Dims.of(cfg)
     rules = make_rules(d, cfg.attention_bias)
     dtype = np_dtype(cfg.dtype)
     dests = {
-        path: Destination(path, tuple(a.shape), dtype, stacked=path.startswith("layers/"))
-        for path, a in flatten(expected_params(cfg))
+        path: Destination(path, tuple(shape), dtype, stacked=path.startswith("layers/"))
+        for path, (shape, _) in sorted(cfg.param_layout().items())
     }
     patterns = _patterns(rules)
     used = []
@@ -376,15 +375,4 @@ def plan(cfg: Config, layout: str, tensors: dict[str, TensorInfo]) -> tuple[dict
             if layer not in dest.parts:
                 source = next(r.source for r in rules if any(p == path for p, _ in r.outputs))
                 raise ConvertError(f"missing tensor {source.format(i=layer)} (needed for {path})")
-    return _nest(dests), used
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+    return unflatten(dests.items()), used

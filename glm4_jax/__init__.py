@@ -26,9 +26,25 @@ _EXPORTS = {
     "Tokenizer": "glm4_jax.tokenizer",
     "load": "glm4_jax.checkpoint",
     "GLM4Chat": "glm4_jax.api",
-    "Generator": "glm4_jax.generate",
-    "GenerationResult": "glm4_jax.generate",
+    "Generator": "glm4_jax.engine",
+    "GenerationResult": "glm4_jax.engine",
     "SamplingParams": "glm4_jax.sampling",
+    # a model on a device mesh (glm4_jax.sharding has the meshes and rules)
+    **dict.fromkeys(
+        (
+            "abstract_cache",
+            "abstract_params",
+            "cache_shardings",
+            "global_input",
+            "init_cache",
+            "init_sharded_model",
+            "jit_forward",
+            "param_shardings",
+            "param_tree",
+            "shard_model",
+        ),
+        "glm4_jax.placement",
+    ),
 }
 
 __all__ = [*_EXPORTS, "__version__"]

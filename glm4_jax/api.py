@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from glm4_jax.generate import (
+from glm4_jax.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_CHUNK,
     GenerationError,
@@ -35,6 +35,25 @@ from glm4_jax.model import GLM4
 from glm4_jax.sampling import CHAT_DEFAULTS, SamplingParams
 
 Messages = str | Sequence[Mapping[str, Any]]
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The `Tokenizer` of the checkpoint directory `path` (its tokenizer.model), or None when it has none.
+
+    Raises OSError or `glm4_jax.tokenizer.TokenizerError` for a file that cannot be read.
+    """
+    tok_path = os.path.join(path, TOKENIZER_FILE)
+    if not os.path.isfile(tok_path):
+        return None
+    from glm4_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(tok_path)
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
 
 
 class GLM4Chat:
@@ -86,13 +105,7 @@ class GLM4Chat:
 
             mesh = make_mesh(mesh)
         model = checkpoint.load(path, mesh=mesh, dtype=dtype)
-        tok_path = os.path.join(path, "tokenizer.model")
-        tokenizer = None
-        if os.path.isfile(tok_path):
-            from glm4_jax.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_file(tok_path)
-        return cls(model, tokenizer, mesh=mesh, prefill_chunk=prefill_chunk)
+        return cls(model, load_tokenizer(path), mesh=mesh, prefill_chunk=prefill_chunk)
 
     # ---- prompts
 
@@ -164,9 +177,7 @@ class GLM4Chat:
         if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         ids = [self.encode_prompt(p) for p in prompts]
-        sampling = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-        )
+        sampling = _sampling(temperature, top_p, top_k, repetition_penalty)
         result = self.generator.generate(
             ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids, max_len=max_len
         )
@@ -202,8 +213,12 @@ class GLM4Chat:
                 return
             yield tok
 
-    def _stream_text(self, ids: list[int], stop_ids, *, answer: bool = False, **kwargs) -> Iterator[str]:
-        """Text pieces as they come; with `answer`, the newline after `<|assistant|>` is left out."""
+    def stream_text(
+        self, ids: Sequence[int], *, stop_ids: Sequence[int] | None = None, answer: bool = False, **kwargs
+    ) -> Iterator[str]:
+        """Text pieces of one token-id prompt's continuation as they come (never a broken UTF-8 character; stop ids
+        left out). With `answer` (a chat reply), the newline the model writes after `<|assistant|>` is left out.
+        `kwargs` are those of `stream_tokens`; afterwards `last_result` holds the GenerationResult."""
         tok = self._need_tokenizer("streaming text")
         decoder = tok.stream_decoder()
         stops = set(self.cfg.eos_token_ids if stop_ids is None else stop_ids)
@@ -235,14 +250,11 @@ class GLM4Chat:
     ) -> Iterator[str]:
         """Raw completion of one prompt, yielding text pieces as they are generated (never a broken UTF-8
         character). Afterwards `last_result` holds the GenerationResult."""
-        sampling = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-        )
-        return self._stream_text(
+        return self.stream_text(
             self.encode_prompt(prompt),
-            stop_ids,
+            stop_ids=stop_ids,
+            sampling=_sampling(temperature, top_p, top_k, repetition_penalty),
             max_new_tokens=max_new_tokens,
-            sampling=sampling,
             seed=seed,
             max_len=max_len,
         )
@@ -269,12 +281,19 @@ class GLM4Chat:
         defaults to the official chat settings (temperature 0.8, top-p 0.8); pass temperature=0 for greedy.
         """
         ids = self.encode_chat(messages, system=system, tools=tools)
-        sampling = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-        )
+        sampling = _sampling(temperature, top_p, top_k, repetition_penalty)
         kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_len=max_len)
         stop_ids = self.chat_stop_ids()
         if stream:
-            return self._stream_text(ids, stop_ids, answer=True, **kwargs)
-        result = self._finish(self.generator.generate([ids], stop_ids=stop_ids, **kwargs), stop_ids)
-        return result.texts[0].removeprefix("\n")
+            return self.stream_text(ids, stop_ids=stop_ids, answer=True, **kwargs)
+        return self.complete_ids(ids, stop_ids=stop_ids, answer=True, **kwargs)[1]
+
+    def complete_ids(
+        self, ids: Sequence[int], *, stop_ids: Sequence[int] | None = None, answer: bool = False, **kwargs
+    ) -> tuple[GenerationResult, str]:
+        """One token-id prompt's continuation with the compiled decode loop: (GenerationResult, text). The text
+        leaves the stop id out, and with `answer` the newline after `<|assistant|>`. `kwargs` are those of
+        `stream_tokens`."""
+        result = self._finish(self.generator.generate([list(ids)], stop_ids=stop_ids, **kwargs), stop_ids)
+        text = result.texts[0] if result.texts is not None else ""
+        return result, text.removeprefix("\n") if answer else text

@@ -1,47 +1,27 @@
-"""Attention kernels behind one signature.
+"""Attention behind one signature: `attend(q, k, v, q_pos, k_pos, impl=...)` picks the kernel.
 
-`attend(q, k, v, q_pos, k_pos, impl=...)`: q [B, T, N, H]; k, v [B, S, K, H] with K kv heads shared by N // K
-query heads each (never repeated to N heads); q_pos [B, T], k_pos [B, S]. Key s is visible to query t when
-0 <= k_pos[s] <= q_pos[t]; a query with no visible key (padding) gets an arbitrary finite output.
-With `layer=i`, k and v are the stacked cache [L, B, S, K, H] and layer i is read block by block, never copied
-whole (see docs/LONG_CONTEXT.md).
+q [B, T, N, H]; k, v [B, S, K, H] with K kv heads shared by N // K query heads each (never repeated to N heads);
+q_pos [B, T], k_pos [B, S]. Key s is visible to query t when 0 <= k_pos[s] <= q_pos[t]; a query with no visible
+key (padding) gets an arbitrary finite output. With `layer=i`, k and v are the stacked cache [L, B, S, K, H] and
+layer i is read block by block, never copied whole (see docs/LONG_CONTEXT.md).
 
-The kernels (`impl`; "auto" picks one from the backend, the shapes and the ambient mesh, see `choose_impl`):
-
-* "dense": the full [T, S] score matrix. Short sequences and single-token decode.
-* "blockwise": online softmax in float32 over key blocks of `BLOCK_K` slots for query blocks of `BLOCK_Q`, so
-  memory is O(T + S), never T x S; a key block no query of the query block can see is skipped (`lax.cond`).
-  Serves long prefill on CPU and chunked prefill / decode against a long cache everywhere.
-* "cudnn" (GPU) and "splash" (TPU, Pallas): flash kernels for a plain causal mask. They apply only when
-  q_pos[b, t] == t and the first T slots hold positions 0..T-1 (a prompt without padding written from slot 0);
-  that is checked at run time and anything else falls back to "dense"/"blockwise" (`lax.cond`).
-* "ring": sequence parallelism over the `sequence` axis of the ambient mesh (`jax.set_mesh`), in
-  `glm4_jax.sharding.ring`: ring attention for prefill, a sequence-sharded KV cache for decode. Without a mesh,
-  or with sequence=1, it is "blockwise".
-
-`write_kv(ck, cv, k, v, layer, start)` writes new keys and values into the stacked cache [L, B, S, K, H] at
-slots [start, start + T) of one layer, in place under jit when the cache is donated.
+The implementations (`impl`; "auto" picks one from the backend, the shapes and the ambient mesh, see
+`choose_impl`): "dense", "blockwise", "cudnn" (GPU) and "splash" (TPU) run on one device (glm4_jax/kernels.py);
+"ring" is sequence parallelism over the `sequence` axis of the ambient mesh (`jax.set_mesh`, glm4_jax/ring.py):
+ring attention for prefill, a sequence-sharded KV cache for decode. Without a mesh, or with sequence=1, "ring" is
+"blockwise".
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
+from glm4_jax import kernels, ring
+
 Array = jax.Array
 
-# A finite "minus infinity" for the dense kernel: a row whose keys are all masked (a padding query) gets uniform
-# weights, not NaN. The blockwise kernels use a real -inf with guards instead (a masked row gives 0).
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash", "ring")
-
-BLOCK_Q = 512  # query rows per block of the blockwise kernel
-BLOCK_K = 512  # key slots per block
-DENSE_MAX_SCORES = 1 << 26  # "auto" uses the dense kernel up to B * N * T * S scores (256 MiB in float32)
 
 
 def attend(
@@ -63,14 +43,13 @@ def attend(
     if impl == "auto":
         impl = choose_impl(q, k)
     if impl == "ring":
-        from glm4_jax.sharding import ring  # imported here: glm4_jax.sharding imports the model
-
         return ring.ring_attend(q, k, v, q_pos, k_pos, layer=layer)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
+        return kernels.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
     if impl in ("cudnn", "splash"):
-        return causal_attention(q, k, v, q_pos, k_pos, kernel=impl, layer=layer)
-    return dense_attention(q, select_layer(k, layer), select_layer(v, layer), q_pos, k_pos)
+        return kernels.causal_attention(q, k, v, q_pos, k_pos, kernel=impl, layer=layer)
+    k, v = kernels.select_layer(k, layer), kernels.select_layer(v, layer)
+    return kernels.dense_attention(q, k, v, q_pos, k_pos)
 
 
 def choose_impl(q: Array, k: Array) -> str:
@@ -91,275 +70,4 @@ def choose_impl(q: Array, k: Array) -> str:
             return "cudnn"
         if backend == "tpu" and T % 128 == 0 and H % 128 == 0:
             return "splash"
-    return "dense" if B * N * T * S <= DENSE_MAX_SCORES else "blockwise"
-
-
-def select_layer(x: Array, layer: Array | None) -> Array:
-    """x[layer] of a stacked cache [L, ...], or x itself when layer is None."""
-    return x if layer is None else jax.lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False)
-
-
-# ---- cache writes -----------------------------------------------------------------------------------------------
-
-
-def write_kv(ck: Array, cv: Array, k: Array, v: Array, layer: Array, start: Array) -> tuple[Array, Array]:
-    """Writes k, v [B, T, K, H] into slots [start, start + T) of layer `layer` of ck, cv [L, B, S, K, H].
-
-    One dynamic_update_slice per array. With the cache sharded along its slots (a `sequence` mesh axis), XLA's
-    SPMD partitioner turns it into a local clamped update plus a select on each shard, with no gather of the
-    cache (checked on the compiled HLO in tests/test_ring.py).
-    """
-    zero = jnp.zeros((), jnp.int32)
-    idx = (layer, zero, start, zero, zero)
-    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), idx)
-    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), idx)
-    return ck, cv
-
-
-# ---- dense ------------------------------------------------------------------------------------------------------
-
-
-def visibility(q_pos: Array, k_pos: Array) -> Array:
-    """[B, T, S] bool: key s is visible to query t (0 <= k_pos[s] <= q_pos[t])."""
-    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
-
-
-def dense_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array) -> Array:
-    """Grouped-query attention with the full score matrix.
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H] (not repeated to N heads); q_pos: [B, T]; k_pos: [B, S].
-    Returns:
-      [B, T, N, H] in q's dtype. Key s is visible to query t when 0 <= k_pos[s] <= q_pos[t].
-    """
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(H))
-    scores = jnp.where(visibility(q_pos, k_pos)[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
-
-
-# ---- blockwise (online softmax) ------------------------------------------------------------------------------------
-
-
-class QueryBlocks(NamedTuple):
-    """Queries cut into nq blocks of bq rows (the last one padded with invisible rows)."""
-
-    q: Array  # [nq, B, bq, K, G, H]
-    pos: Array  # [nq, B, bq] int32, -1 on the padding rows
-    length: int  # T, the rows before padding
-
-
-class SoftmaxState(NamedTuple):
-    """Running statistics of an online softmax, per query block: out = acc / l, scores relative to m."""
-
-    m: Array  # [nq, B, K, G, bq] float32: the largest score seen (-inf when no visible key yet)
-    l: Array  # [nq, B, K, G, bq] float32: sum of exp(score - m)
-    acc: Array  # [nq, B, K, G, bq, H] float32: sum of exp(score - m) * value
-
-
-def query_blocks(q: Array, q_pos: Array, num_kv_heads: int, block_q: int = BLOCK_Q) -> QueryBlocks:
-    B, T, N, H = q.shape
-    K = num_kv_heads
-    bq = min(block_q, T)
-    nq = -(-T // bq)
-    pad = nq * bq - T
-    if pad:
-        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
-    q = q.reshape(B, nq, bq, K, N // K, H).transpose(1, 0, 2, 3, 4, 5)
-    return QueryBlocks(q=q, pos=q_pos.reshape(B, nq, bq).transpose(1, 0, 2), length=T)
-
-
-def empty_state(qb: QueryBlocks) -> SoftmaxState:
-    nq, B, bq, K, G, H = qb.q.shape
-    m = jnp.full((nq, B, K, G, bq), -jnp.inf, jnp.float32)
-    return SoftmaxState(m=m, l=jnp.zeros_like(m), acc=jnp.zeros((*m.shape, H), jnp.float32))
-
-
-def finish(state: SoftmaxState, length: int, dtype) -> Array:
-    """acc / l as [B, T, N, H]; a row with no visible key (l == 0) gives zeros."""
-    nq, B, K, G, bq, H = state.acc.shape
-    out = state.acc / jnp.where(state.l > 0, state.l, 1.0)[..., None]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, K * G, H)  # [B, T_pad, N, H]
-    return out[:, :length].astype(dtype)
-
-
-def accumulate(
-    state: SoftmaxState,
-    qb: QueryBlocks,
-    k: Array,
-    v: Array,
-    k_pos: Array,
-    *,
-    layer: Array | None = None,
-    head_start: Array | None = None,
-    block_k: int = BLOCK_K,
-) -> SoftmaxState:
-    """Folds the keys k, v [B, S, K, H] (or layer `layer` of [L, B, S, K, H]) into the online softmax `state`.
-
-    With `head_start`, only kv heads [head_start, head_start + K) are read, K being the kv heads of `qb`
-    (a tensor-parallel shard whose query heads use a subset of replicated kv heads).
-
-    Keys go by blocks of `block_k` slots; the last block is clamped to end at slot S and masks the slots an
-    earlier block already covered, so S needs no padding (padding the cache would copy it). A (query block, key
-    block) pair with no visible key is skipped by `lax.cond`: its two matmuls and exponentials never run.
-    """
-    S = k.shape[-3]
-    bk = min(block_k, S)
-    nk = -(-S // bk)
-    scale = 1.0 / math.sqrt(qb.q.shape[-1])
-
-    K = qb.q.shape[3]
-    zero = jnp.zeros((), jnp.int32)
-    h0 = zero if head_start is None else head_start
-
-    def fetch(x: Array, start: Array) -> Array:  # [B, bk, K, H]
-        B, H = x.shape[-4], x.shape[-1]
-        if layer is None:
-            return jax.lax.dynamic_slice(x, (zero, start, h0, zero), (B, bk, K, H))
-        return jax.lax.dynamic_slice(x, (layer, zero, start, h0, zero), (1, B, bk, K, H))[0]
-
-    def one_query_block(args):
-        q, q_pos, m, l, acc = args  # q [B, bq, K, G, H], q_pos [B, bq], m, l [B, K, G, bq]
-
-        def key_block(j, carry):
-            start = jnp.minimum(j * bk, S - bk)
-            kp = jax.lax.dynamic_slice_in_dim(k_pos, start, bk, axis=1)  # [B, bk]
-            fresh = start + jnp.arange(bk) >= j * bk  # slots not covered by an earlier block
-            visible = fresh & (kp[:, None, :] >= 0) & (kp[:, None, :] <= q_pos[:, :, None])  # [B, bq, bk]
-
-            def compute(carry):
-                m, l, acc = carry
-                s = jnp.einsum("BTKGH,BSKH->BKGTS", q, fetch(k, start), preferred_element_type=jnp.float32)
-                s = jnp.where(visible[:, None, None], s * scale, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=-1))
-                m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no NaN from (-inf) - (-inf)
-                p = jnp.exp(s - m_ref[..., None])
-                corr = jnp.exp(m - m_ref)
-                pv = jnp.einsum(
-                    "BKGTS,BSKH->BKGTH", p.astype(v.dtype), fetch(v, start), preferred_element_type=jnp.float32
-                )
-                return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv
-
-            return jax.lax.cond(jnp.any(visible), compute, lambda c: c, carry)
-
-        return jax.lax.fori_loop(0, nk, key_block, (m, l, acc))
-
-    state = vary_like(state, qb.q, qb.pos, k, v, k_pos)  # inside shard_map: the loop carry varies like its inputs
-    m, l, acc = jax.lax.map(one_query_block, (qb.q, qb.pos, *state))
-    return SoftmaxState(m, l, acc)
-
-
-def varying_axes(x) -> frozenset:
-    """The manual mesh axes x varies over inside shard_map (empty outside). jax 0.10 keeps them in
-    `typeof(x).manual_axis_type.varying`; earlier versions in `typeof(x).vma`."""
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
-
-
-def vary_like(tree, *refs):
-    """Marks the leaves of `tree` as varying over every manual mesh axis any of `refs` varies over, so that a loop
-    carry starts with the type its body gives it; a no-op outside shard_map."""
-    axes = frozenset().union(*(varying_axes(r) for r in refs))
-
-    def cast(x):
-        missing = tuple(sorted(axes - varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
-
-
-def blockwise_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    q_pos: Array,
-    k_pos: Array,
-    *,
-    layer: Array | None = None,
-    block_q: int = BLOCK_Q,
-    block_k: int = BLOCK_K,
-) -> Array:
-    """Attention without a [T, S] score matrix: O(block_q * block_k) scores live at a time.
-
-    Same arguments and result as `attend`; padding queries (no visible key) get zeros.
-    """
-    qb = query_blocks(q, q_pos, k.shape[-2], block_q)
-    state = accumulate(empty_state(qb), qb, k, v, k_pos, layer=layer, block_k=block_k)
-    return finish(state, qb.length, q.dtype)
-
-
-# ---- flash kernels for a plain causal mask (cuDNN on GPU, Pallas splash on TPU) --------------------------------
-
-
-def plain_causal(q_pos: Array, k_pos: Array) -> Array:
-    """[] bool: the visibility rule is exactly "slot s visible to query t iff s <= t" on the first T slots and no
-    later slot is visible: q_pos[b, t] == t, k_pos[b, s] == s for s < T, and k_pos[b, s] outside [0, T) beyond."""
-    T = q_pos.shape[1]
-    ar = jnp.arange(T, dtype=jnp.int32)
-    rest = k_pos[:, T:]
-    return jnp.all(q_pos == ar) & jnp.all(k_pos[:, :T] == ar) & jnp.all((rest < 0) | (rest >= T))
-
-
-def causal_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    q_pos: Array,
-    k_pos: Array,
-    *,
-    kernel: str,
-    layer: Array | None = None,
-    interpret: bool = False,
-) -> Array:
-    """A flash kernel when `plain_causal` holds at run time, else "dense" / "blockwise" (`lax.cond`: both are
-    compiled, one runs). Keys beyond slot T are never read by the flash kernel.
-
-    kernel: "cudnn" (GPU), "splash" (TPU; `interpret=True` runs the Pallas kernel in the interpreter, for tests on
-    CPU) or "xla" (jax.nn.dot_product_attention's reference implementation, to test this dispatch on CPU).
-    """
-    B, T, N, H = q.shape
-    S = k.shape[-3]
-    if T > S:
-        raise ValueError(f"{T} queries against {S} key slots: a causal prefill needs T <= S")
-
-    def first_slots(x):  # [B, T, K, H]: slots [0, T) of the layer, a static slice
-        return jax.lax.slice_in_dim(select_layer(x, layer), 0, T, axis=1)
-
-    def fast(q, k, v, q_pos, k_pos):
-        kt, vt = first_slots(k), first_slots(v)
-        if kernel == "splash":
-            return splash_causal(q, kt, vt, interpret=interpret)
-        impl = "cudnn" if kernel == "cudnn" else "xla"
-        return jax.nn.dot_product_attention(q, kt, vt, scale=1.0 / math.sqrt(H), is_causal=True, implementation=impl)
-
-    def fallback(q, k, v, q_pos, k_pos):
-        if B * N * T * S <= DENSE_MAX_SCORES:
-            return dense_attention(q, select_layer(k, layer), select_layer(v, layer), q_pos, k_pos)
-        return blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
-
-    return jax.lax.cond(plain_causal(q_pos, k_pos), fast, fallback, q, k, v, q_pos, k_pos)
-
-
-def splash_causal(q: Array, k: Array, v: Array, *, interpret: bool = False) -> Array:
-    """Causal attention with the Pallas TPU splash kernel; q [B, T, N, H], k, v [B, T, K, H] (GQA native).
-
-    T must be a multiple of 128. The kernel applies no scale, so q is scaled first. CI runs it only in the Pallas
-    interpreter on CPU (`interpret=True`); it has not run on a TPU.
-    """
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
-    B, T, N, H = q.shape
-    block = next(b for b in (512, 256, 128) if T % b == 0)
-    mask = splash.MultiHeadMask([splash.CausalMask((T, T))] * N)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
-    kernel = splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
-    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(H))).astype(q.dtype)
-    out = jax.vmap(kernel)(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+    return "dense" if B * N * T * S <= kernels.DENSE_MAX_SCORES else "blockwise"

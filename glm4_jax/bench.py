@@ -31,25 +31,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from glm4_jax.config import Config, ConfigError, preset
-from glm4_jax.generate import Generator
+from glm4_jax.config import DTYPES, PRESETS, ConfigError, preset
+from glm4_jax.engine import Generator
+from glm4_jax.fixtures import TINY
 from glm4_jax.sampling import SamplingParams
 
 # Measured device-to-device copy rates (bytes read + written per second): the practical bandwidth ceiling.
 BANDWIDTH = {"H100": 2.99e12, "H200": 4.3e12}
-
-TINY = Config(
-    vocab_size=1024,
-    hidden_size=128,
-    intermediate_size=256,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    max_seq_len=4096,
-    eos_token_ids=(1,),
-    pad_token_id=0,
-)
 
 
 class BenchError(ValueError):
@@ -161,7 +149,8 @@ def load_model(args, mesh):
         return checkpoint.load(args.ckpt, mesh=mesh, dtype=args.dtype)
     cfg = TINY if args.random == "tiny" else preset(args.random)
     cfg = cfg.replace(dtype=args.dtype or "bfloat16")
-    from glm4_jax.sharding import init_sharded_model, make_mesh
+    from glm4_jax.placement import init_sharded_model
+    from glm4_jax.sharding import make_mesh
 
     return init_sharded_model(cfg, mesh if mesh is not None else make_mesh(None, devices=jax.devices()[:1]))
 
@@ -204,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--random",
         metavar="PRESET",
-        choices=["glm-4-9b", "glm-4-9b-chat", "glm-4-9b-chat-1m", "tiny"],
+        choices=[*PRESETS, "tiny"],
         help="random weights of a preset: glm-4-9b, glm-4-9b-chat, glm-4-9b-chat-1m, or tiny (a smoke test)",
     )
     p.add_argument("--decode", default="1x128", metavar="BxP,...", help="decode workloads (default 1x128)")
@@ -212,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode workload (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (default 3)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (default 2048)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: bfloat16 / the checkpoint's")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 / the checkpoint's")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tensor=8 (default: one device)")
     p.add_argument("--bandwidth", type=float, metavar="GB/s", help="memory bandwidth for the floor column")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -19,27 +19,23 @@ same way; `load` restores one straight into its target shardings.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime
-import errno
 import itertools
 import json
 import math
 import os
 import pathlib
-import shutil
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from glm4_jax.config import DTYPES, Config, ConfigError
+from glm4_jax.config import Config, np_dtype
+from glm4_jax.fileio import ArraySource, NumpySource, ScratchBuffer, staging_dir, write_all
+from glm4_jax.paths import flatten, unflatten
 
 FORMAT = "glm4-jax-checkpoint"
 FORMAT_VERSION = 1
@@ -62,60 +58,6 @@ def package_version() -> str:
         return version("glm4-jax")
     except Exception:  # not installed (running from a source tree)
         return "0+unknown"
-
-
-# ---- sources of array data --------------------------------------------------------------------------------------
-
-
-class ArraySource:
-    """An array that is produced one region at a time. Subclasses set `shape` and `dtype` and implement
-    `read_into`."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    def read_into(self, region: tuple[slice, ...], out: np.ndarray) -> None:
-        """Writes the block `array[region]` (one slice with step 1 per axis) into `out`, a C-contiguous array of
-        that block's shape and of dtype `self.dtype`."""
-        raise NotImplementedError
-
-    def position(self, region: tuple[slice, ...]) -> tuple:
-        """Where the data of `array[region]` comes from, as a sortable key: the writer makes the chunks in this
-        order, so that sources on disk are read front to back. () (the default) keeps the order of the tree."""
-        return ()
-
-    def copy_into(self, region: tuple[slice, ...], fd: int) -> bool:
-        """Writes `array[region]` to the file `fd` inside the kernel (`copy_range`) when the source holds it exactly
-        as it must be written, as one byte range of a file, and returns True; otherwise (the default) writes
-        nothing and returns False, and the writer uses `read_into`."""
-        return False
-
-
-class NumpySource(ArraySource):
-    """An array already in memory (numpy, or anything `np.asarray` accepts, such as a jax.Array)."""
-
-    def __init__(self, value, dtype=None):
-        self.value = np.asarray(value)
-        self.dtype = np.dtype(dtype or self.value.dtype)
-        self.shape = tuple(self.value.shape)
-
-    def read_into(self, region, out):
-        out[...] = self.value[region]
-
-
-class ScratchBuffer:
-    """A byte buffer for each thread, kept between calls (so its pages are faulted in once) and grown as needed.
-    `get` returns a view that the thread's next `get` overwrites."""
-
-    def __init__(self, min_bytes: int = 0):
-        self.min_bytes = min_bytes
-        self._local = threading.local()
-
-    def get(self, nbytes: int) -> np.ndarray:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.nbytes < nbytes:
-            self._local.buf = buf = np.empty(max(nbytes, self.min_bytes), np.uint8)
-        return buf[:nbytes]
 
 
 def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
@@ -212,14 +154,6 @@ class _Chunk:
 _chunk_buffer = ScratchBuffer()
 
 
-def _write_all(fd: int, data: memoryview, path: str) -> None:
-    while len(data):
-        n = os.write(fd, data)
-        if n <= 0:
-            raise OSError(f"{path}: short write")
-        data = data[n:]
-
-
 def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
     """Fills the chunk from its source and writes its file; returns the bytes of the array it covers."""
     if cancelled.is_set():
@@ -238,34 +172,10 @@ def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
             src.read_into(job.region, part)
             full[...] = 0
             full[tuple(slice(0, n) for n in block)] = part
-        _write_all(fd, memoryview(full.reshape(-1).view(np.uint8)), job.path)
+        write_all(fd, memoryview(full.reshape(-1).view(np.uint8)), job.path)
     finally:
         os.close(fd)
     return math.prod(block) * dtype.itemsize
-
-
-def copy_range(path: str | os.PathLike, offset: int, nbytes: int, fd: int) -> bool:
-    """Appends `nbytes` bytes of the file `path`, from `offset`, to the file `fd` with copy_file_range: no copy
-    through user space, as `cp` does. Returns False, with nothing written, where the kernel cannot (an older
-    kernel across filesystems, say); raises OSError if `path` is shorter."""
-    if not hasattr(os, "copy_file_range"):
-        return False
-    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        done = 0
-        while done < nbytes:
-            try:
-                n = os.copy_file_range(src, fd, nbytes - done, offset + done)
-            except OSError as e:
-                if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    return False
-                raise
-            if n <= 0:
-                raise OSError(errno.EIO, f"{path}: ends before byte {offset + nbytes}")
-            done += n
-    finally:
-        os.close(src)
-    return True
 
 
 def write_params(
@@ -340,70 +250,6 @@ def write_params(
     (directory / "_CHECKPOINT_METADATA").write_text(json.dumps(step))
 
 
-def fsync_tree(root: pathlib.Path) -> None:
-    """fsync every file and directory under `root` (and `root`), several at a time, so that a rename after it
-    publishes data that is on disk."""
-
-    def fsync(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    files, dirs = [], []
-    for dirpath, _, filenames in os.walk(root):
-        files.extend(os.path.join(dirpath, name) for name in filenames)
-        dirs.append(dirpath)
-    with concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="fsync") as pool:
-        list(pool.map(fsync, files))
-        list(pool.map(fsync, dirs))
-
-
-@contextlib.contextmanager
-def staging_dir(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """Yields a fresh temporary sibling of `dst` to write into; renames it to `dst` when the block succeeds.
-
-    On any exception (KeyboardInterrupt included) the temporary is removed and `dst` is left as it was. An existing
-    `dst` is refused unless `overwrite`, and then replaced only once the new one is complete.
-    """
-    dst = pathlib.Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists")
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if dst.exists() or dst.is_symlink():
-            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old, dst)
-                raise
-            _remove(old)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: pathlib.Path) -> None:
-    """Removes a file or a tree; looks again briefly in case a writer being stopped had recreated something."""
-    for _ in range(20):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        time.sleep(0.05)
-        if not os.path.lexists(path):
-            return
-
-
 def write_manifest(
     directory: str | os.PathLike,
     cfg: Config,
@@ -429,19 +275,6 @@ def write_manifest(
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """[("layers/q", leaf), ...] for a nested dict, keys joined with '/', in sorted order."""
-    out = []
-    for key in sorted(tree):
-        value = tree[key]
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.extend(flatten(value, name + "/"))
-        else:
-            out.append((name, value))
-    return out
-
-
 def save(path: str | os.PathLike, model_or_params, cfg: Config, *, overwrite: bool = False) -> None:
     """Writes a GLM4 model (or its parameter dict) as a converted checkpoint at `path`, atomically."""
     from flax import nnx
@@ -450,16 +283,12 @@ def save(path: str | os.PathLike, model_or_params, cfg: Config, *, overwrite: bo
         params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     else:
         params = model_or_params
-    params = _map(lambda x: NumpySource(x, np_dtype(cfg.dtype)), params)
+    params = unflatten((name, NumpySource(x, np_dtype(cfg.dtype))) for name, x in flatten(params))
     _check_tree(params, cfg, what="parameters given to save()")
     with staging_dir(path, overwrite=overwrite) as tmp:
         write_params(tmp / PARAMS_DIR, params, cfg)
         cfg.save(tmp / CONFIG)
         write_manifest(tmp, cfg, params)
-
-
-def _map(fn, tree):
-    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 # ---- checking and loading -------------------------------------------------------------------------------------
@@ -480,14 +309,7 @@ class ParamSpec:
 def expected_params(cfg: Config) -> dict:
     """The parameter tree of `GLM4(cfg)` as `ParamSpec`s, from `Config.param_layout` (no JAX needed)."""
     dtype = np_dtype(cfg.dtype)
-    tree: dict = {}
-    for path, (shape, _) in cfg.param_layout().items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = ParamSpec(shape, dtype)
-    return tree
+    return unflatten((path, ParamSpec(shape, dtype)) for path, (shape, _) in cfg.param_layout().items())
 
 
 def _check_tree(tree: dict, cfg: Config, *, what: str) -> None:
@@ -558,13 +380,6 @@ def check(path: str | os.PathLike) -> tuple[Config, dict]:
     return cfg, manifest
 
 
-def np_dtype(name: str) -> np.dtype:
-    """The numpy dtype for a Config dtype name ("bfloat16" is ml_dtypes' type)."""
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
 def _restore(path: pathlib.Path, cfg: Config, shardings: dict) -> dict:
     import jax
     import orbax.checkpoint as ocp
@@ -573,19 +388,6 @@ def _restore(path: pathlib.Path, cfg: Config, shardings: dict) -> dict:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         return ckptr.restore(path.absolute() / PARAMS_DIR, args=ocp.args.StandardRestore(target))
-
-
-def load_params(path: str | os.PathLike, shardings: dict, *, dtype: str | None = None) -> tuple[Config, dict]:
-    """Restores the parameter tree straight into `shardings` (a nested dict of `jax.sharding.Sharding`s shaped
-    like the parameters), each process reading only its slices, cast to `dtype` (default: the stored one).
-
-    Returns (config, parameters); the config's dtype is the one the parameters now have.
-    """
-    cfg, _ = check(path)
-    if dtype is not None:
-        np_dtype(dtype)
-        cfg = cfg.replace(dtype=dtype)
-    return cfg, _restore(pathlib.Path(path), cfg, shardings)
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype: str | None = None):
@@ -616,7 +418,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype: str | None = None):
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, expected_params(cfg))
     else:
-        from glm4_jax.sharding import param_shardings
+        from glm4_jax.placement import param_shardings
 
         shardings = param_shardings(abstract, mesh)
     params = _restore(path, cfg, shardings)

@@ -25,6 +25,24 @@ CHAT_STOP_IDS = (ENDOFTEXT_ID, USER_ID, OBSERVATION_ID)
 
 DTYPES = ("bfloat16", "float32", "float16")
 
+# The fields of the KV cache (glm4_jax.model.KVCache) and the logical axes of each.
+CACHE_AXES: dict[str, tuple[str, ...]] = {
+    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "pos": ("batch", "cache_seq"),
+    "end": (),
+}
+
+
+def np_dtype(name: str):
+    """The numpy dtype for a Config dtype name ("bfloat16" is ml_dtypes' type)."""
+    import ml_dtypes
+    import numpy as np
+
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a supported GLM-4 model."""
@@ -66,10 +84,6 @@ class Config:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     def param_layout(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
         """Every parameter of the model: path ("layers/q") -> (shape, logical axis names).
 
@@ -107,6 +121,15 @@ class Config:
             "lm_head": ((D, V), ("embed", "vocab")),
         }
         return layout
+
+    def cache_layout(self, batch: int, max_len: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Every field of a KV cache of `batch` rows and `max_len` slots: name -> (shape, logical axis names).
+
+        k and v hold `dtype` (the config's by default), pos and end int32 (see glm4_jax.model.KVCache).
+        """
+        kv = (self.num_layers, batch, max_len, self.num_kv_heads, self.head_dim)
+        shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "end": ()}
+        return {name: (shapes[name], axes) for name, axes in CACHE_AXES.items()}
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm4_jax import attention
-from glm4_jax.config import Config
+from glm4_jax import attention, kernels
+from glm4_jax.config import CACHE_AXES, Config
+from glm4_jax.paths import unflatten
 from glm4_jax.sharding.rules import constrain
 
 Array = jax.Array
@@ -83,22 +84,18 @@ class KVCache:
     pos: Array  # [B, S] int32: the position of the token in each slot; -1 for empty slots and padding
     end: Array  # [] int32: the next slot to write
 
-    AXES = {
-        "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-        "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-        "pos": ("batch", "cache_seq"),
-        "end": (),
-    }
+    AXES = CACHE_AXES  # the logical axes of each field (glm4_jax.config)
 
     @classmethod
     def init(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        """An empty cache: shapes from `cfg.cache_layout(batch, max_len)`, k and v in `dtype` (default cfg.dtype)."""
+        shapes = {name: shape for name, (shape, _) in cfg.cache_layout(batch, max_len).items()}
         dt = jnp.dtype(dtype or cfg.dtype)
         return cls(
-            k=jnp.zeros(shape, dt),
-            v=jnp.zeros(shape, dt),
-            pos=jnp.full((batch, max_len), -1, jnp.int32),
-            end=jnp.zeros((), jnp.int32),
+            k=jnp.zeros(shapes["k"], dt),
+            v=jnp.zeros(shapes["v"], dt),
+            pos=jnp.full(shapes["pos"], -1, jnp.int32),
+            end=jnp.zeros(shapes["end"], jnp.int32),
         )
 
     @property
@@ -218,7 +215,7 @@ def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, 
             new_kv = None
         else:
             ck, cv, i, start, k_pos = kv  # ck, cv: [L, B, S, K, H]
-            ck, cv = attention.write_kv(ck, cv, k, v, i, start)
+            ck, cv = kernels.write_kv(ck, cv, k, v, i, start)
             # Keep the stacked cache in its own sharding: when the tensor axis is larger than the kv heads, XLA
             # would otherwise split it inside the layer loop and gather all of it back on every step.
             ck, cv = constrain(ck, KVCache.AXES["k"]), constrain(cv, KVCache.AXES["v"])
@@ -248,13 +245,8 @@ def abstract_model(cfg: Config) -> GLM4:
 
 def param_axes(model: GLM4) -> dict:
     """The logical axis names of every parameter, as a nested dict shaped like the parameters."""
-    axes = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        node = axes
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = var.get_metadata()["axes"]
-    return axes
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return unflatten(("/".join(map(str, path)), var.get_metadata()["axes"]) for path, var in flat)
 
 
 def param_count(model: GLM4) -> int:

@@ -24,6 +24,14 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+class SamplingError(ValueError):
+    """A sampling setting out of range; `field` names it ("temperature", "top_p", ...)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field} {message}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy
@@ -40,15 +48,15 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raises ValueError with a message naming the offending setting."""
+        """Raises SamplingError (a ValueError) naming the offending setting."""
         if not self.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise SamplingError("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+            raise SamplingError("top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+            raise SamplingError("top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise SamplingError("repetition_penalty", f"must be > 0 (1 turns it off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -59,7 +67,6 @@ class SamplingParams:
         return self.repetition_penalty != 1.0
 
 
-GREEDY = SamplingParams()
 # The official GLM-4-9B-chat demos sample with temperature 0.8 (0.6 in some) and top_p 0.8.
 CHAT_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.8)
 

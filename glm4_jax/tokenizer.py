@@ -50,8 +50,7 @@ message's `tools` key writes the preamble even when the message itself is skippe
 The model calls a tool by generating `{name}\\n{json arguments}` after `<|assistant|>` and then `<|observation|>`
 (a stop id); `parse_tool_call` reads that text back.
 
-`write_synthetic_tokenizer` writes a small deterministic rank file (256 bytes plus merges learned from a fixed
-English/Chinese text), for the demo and tests.
+A small deterministic rank file for the demo and tests is written by `glm4_jax.fixtures.write_synthetic_tokenizer`.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import collections
 import json
 import os
 import pathlib
@@ -531,83 +529,3 @@ class StreamDecoder:
         text = self._decoder.decode(b"", final=True)
         self._decoder.reset()
         return text
-
-
-# --------------------------------------------------------------------------------------------- synthetic tokenizer
-
-# A fixed text for `write_synthetic_tokenizer` to learn merges from (our own sentences, English and Chinese).
-SYNTHETIC_CORPUS = """\
-The quick brown fox jumps over the lazy dog. A small model reads the text one token at a time, and the tokenizer
-turns the text into tokens. The model is written in JAX, the weights are sharded over the devices, and the cache
-holds the keys and values of the tokens that came before. Hello, world! How are you today? I am fine, thank you.
-def add(a, b):
-    return a + b
-
-for i in range(10):
-    print(i, add(i, 2))
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14159
-你好！今天天气很好。我们一起去公园散步吧。
-这是一个小小的语言模型，它一次读一个词，然后写出下一个词。
-模型的权重分布在多个设备上，缓存保存之前每个词的键和值。
-人工智能助手可以回答问题，也可以调用工具。请问北京今天的天气怎么样？
-北京今天晴，气温二十度，适合出门。谢谢你的帮助！不客气。
-"""
-
-_SYNTHETIC_WORD_RE = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+")
-
-
-def _learn_merges(corpus: str, n_merges: int) -> list[bytes]:
-    """Greedy byte-pair merges: each step joins the most frequent adjacent pair (ties: the smallest ids)."""
-    vocab = [bytes([b]) for b in range(256)]
-    index = {token: i for i, token in enumerate(vocab)}
-    words = collections.Counter(tuple(word.encode("utf-8")) for word in _SYNTHETIC_WORD_RE.findall(corpus))
-    while len(vocab) < 256 + n_merges:
-        pairs: collections.Counter[tuple[int, int]] = collections.Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] += count
-        if not pairs:
-            raise ValueError(f"the corpus supports only {len(vocab) - 256} merges, not {n_merges}")
-        a, b = min(pairs, key=lambda p: (-pairs[p], p))
-        merged = vocab[a] + vocab[b]
-        if merged not in index:  # the same bytes can be reached by two merge orders: keep one rank
-            index[merged] = len(vocab)
-            vocab.append(merged)
-        words = _merge_pair(words, (a, b), index[merged])
-    return vocab
-
-
-def _merge_pair(
-    words: collections.Counter[tuple[int, ...]], pair: tuple[int, int], new_id: int
-) -> collections.Counter[tuple[int, ...]]:
-    merged: collections.Counter[tuple[int, ...]] = collections.Counter()
-    for word, count in words.items():
-        out: list[int] = []
-        i = 0
-        while i < len(word):
-            if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                out.append(new_id)
-                i += 2
-            else:
-                out.append(word[i])
-                i += 1
-        merged[tuple(out)] += count
-    return merged
-
-
-def write_synthetic_tokenizer(path: os.PathLike | str, n_merges: int = 256) -> pathlib.Path:
-    """Write a small deterministic `tokenizer.model`, for the demo and tests.
-
-    Ranks 0..255 are the single bytes (rank = byte value); ranks 256..255+n_merges are merges learned greedily from
-    `SYNTHETIC_CORPUS`. `Tokenizer.from_file` then puts the 14 special tokens at 256+n_merges.. and any text still
-    encodes (byte fallback). The same `n_merges` always writes the same bytes.
-    """
-    if n_merges < 0:
-        raise ValueError(f"n_merges must be >= 0, got {n_merges}")
-    path = pathlib.Path(path)
-    lines = [
-        f"{base64.b64encode(token).decode('ascii')} {rank}\n"
-        for rank, token in enumerate(_learn_merges(SYNTHETIC_CORPUS, n_merges))
-    ]
-    path.write_text("".join(lines), encoding="ascii")
-    return path

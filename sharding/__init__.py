@@ -1,8 +1,13 @@
 """Device meshes, logical-axis sharding rules and the memory planner (docs/SHARDING.md).
 
-    from glm4_jax.sharding import make_mesh, shard_model, jit_forward
+A leaf of the package: it knows mesh axes and logical axis names, never model code (tests/test_layers.py checks
+it). Placing a model on a mesh (`shard_model`, `param_shardings`, `jit_forward`, ...) is in `glm4_jax.placement`,
+also importable from the top level:
+
+    import glm4_jax
+    from glm4_jax.sharding import make_mesh
     mesh = make_mesh("tensor=4,sequence=2")
-    shard_model(model, mesh)
+    glm4_jax.shard_model(model, mesh)
 
 The planner (`glm4_jax.sharding.plan`, also `python -m glm4_jax.sharding.plan`) is imported on first use.
 """
@@ -27,19 +32,6 @@ from .rules import (
     logical_to_spec,
     named_sharding,
 )
-from .shardings import (
-    abstract_cache,
-    abstract_params,
-    abstract_sharded_cache,
-    cache_shardings,
-    global_input,
-    init_cache,
-    init_sharded_model,
-    jit_forward,
-    param_shardings,
-    param_tree,
-    shard_model,
-)
 
 __all__ = [
     "DEVICES",
@@ -49,28 +41,17 @@ __all__ = [
     "TOKENS_AXES",
     "MemoryPlan",
     "ShardingError",
-    "abstract_cache",
     "abstract_mesh",
-    "abstract_params",
-    "abstract_sharded_cache",
-    "cache_shardings",
     "check_axes",
     "constrain",
-    "init_cache",
-    "global_input",
-    "init_sharded_model",
     "initialize_distributed",
-    "jit_forward",
     "logical_to_spec",
     "make_mesh",
     "mesh_sizes",
     "mesh_str",
     "named_sharding",
-    "param_shardings",
-    "param_tree",
     "parse_mesh_spec",
     "plan_memory",
-    "shard_model",
     "tpu_vm_host_count",
 ]
 

@@ -3,8 +3,9 @@
     python -m glm4_jax.sharding.plan --preset glm-4-9b-chat-1m --mesh sequence=8 --batch 1 --max-len 1048576 \\
         --device h100 [--json]
 
-The bytes come from the shardings the real run uses (`param_shardings` / `cache_shardings` on an `AbstractMesh`,
-then `NamedSharding.shard_shape`), so the planner and a sharded model agree array by array. No device is needed:
+The bytes come from the rules the real run uses: each array of `Config.param_layout()` and `Config.cache_layout()`
+gets its `NamedSharding` on an `AbstractMesh` (`named_sharding`, as `glm4_jax.placement` does for a real model),
+then `NamedSharding.shard_shape`, so the planner and a sharded model agree array by array. No device is needed:
 a 16-device plan runs on a laptop.
 
 What is counted: weights and KV cache (k, v, pos). What is not: activations, the compiled program, XLA's scratch
@@ -21,19 +22,16 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
-import glm4_jax.model as model_lib
+from glm4_jax.config import DTYPES, Config, ConfigError, np_dtype, preset
 from glm4_jax.config import PRESETS as CONFIG_PRESETS
-from glm4_jax.config import Config, ConfigError, preset
 
 from .mesh import MESH_AXES, MeshSpec, abstract_mesh, mesh_sizes, mesh_str
-from .rules import Rules, ShardingError
-from .shardings import abstract_cache, cache_shardings, param_shardings, param_tree
+from .rules import Rules, ShardingError, named_sharding
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -127,15 +125,6 @@ def _array_plan(group, name, shape, dtype, sharding, sizes) -> ArrayPlan:
     )
 
 
-def _flatten(tree: Mapping, prefix: str = ""):
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from _flatten(value, path + "/")
-        else:
-            yield path, value
-
-
 def plan_memory(
     cfg: Config,
     mesh: Mesh | AbstractMesh | MeshSpec | None = None,
@@ -171,16 +160,15 @@ def plan_memory(
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom is a fraction in [0, 1), got {headroom}")
 
-    abstract = model_lib.abstract_model(cfg)
     arrays = []
-    shardings = dict(_flatten(param_shardings(abstract, mesh, rules)))
-    for path, x in _flatten(param_tree(abstract)):
-        arrays.append(_array_plan("weights", path, x.shape, x.dtype, shardings[path], sizes))
-    cache = abstract_cache(cfg, batch, max_len, cache_dtype)
-    cache_sh = cache_shardings(cfg, mesh, batch, max_len, rules)
-    for field in model_lib.KVCache.AXES:
-        x = getattr(cache, field)
-        arrays.append(_array_plan("cache", f"cache/{field}", x.shape, x.dtype, getattr(cache_sh, field), sizes))
+    for path, (shape, axes) in sorted(cfg.param_layout().items()):
+        sharding = named_sharding(mesh, axes, shape, rules, path)
+        arrays.append(_array_plan("weights", path, shape, np_dtype(cfg.dtype), sharding, sizes))
+    kv_dtype = np_dtype(str(cache_dtype or cfg.dtype))
+    for field, (shape, axes) in cfg.cache_layout(batch, max_len).items():
+        sharding = named_sharding(mesh, axes, shape, rules, f"cache/{field}")
+        dtype = kv_dtype if field in ("k", "v") else np.dtype(np.int32)
+        arrays.append(_array_plan("cache", f"cache/{field}", shape, dtype, sharding, sizes))
 
     weights = sum(a.bytes_per_device for a in arrays if a.group == "weights")
     cache_bytes = sum(a.bytes_per_device for a in arrays if a.group == "cache")
@@ -327,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=sorted(DEVICES), help="check the plan against this device")
     p.add_argument("--device-memory", type=float, help="device memory in GiB (instead of --device)")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction kept free (default 0.1)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="weights dtype (default: config's)")
-    p.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"), help="default: the weights dtype")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: config's)")
+    p.add_argument("--cache-dtype", choices=DTYPES, help="default: the weights dtype")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     try:

@@ -34,17 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
     from jax.experimental import multihost_utils
-    from tiny import SHARDABLE
 
+    from glm4_jax.fixtures import SHARDABLE
     from glm4_jax.model import KVCache, init_model
-    from glm4_jax.sharding import (
-        init_cache,
-        init_sharded_model,
-        initialize_distributed,
-        jit_forward,
-        make_mesh,
-        param_tree,
-    )
+    from glm4_jax.placement import init_cache, init_sharded_model, jit_forward, param_tree
+    from glm4_jax.sharding import initialize_distributed, make_mesh
 
     initialize_distributed(
         True,

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from tiny import assert_close_visible, left_pad_positions, random_qkv
 
-from glm4_jax import attention
+from glm4_jax import attention, kernels
 from glm4_jax.config import preset
 from glm4_jax.model import rope_tables
 
@@ -26,8 +26,8 @@ def test_blockwise_prefill_equals_dense(N, K, pads):
     B, T = 2, 45  # not a multiple of the blocks: a partial query block and a clamped last key block
     q, k, v = random_qkv(B, T, T, N, K)
     pos = left_pad_positions(T, pads)
-    ref = attention.dense_attention(q, k, v, pos, pos)
-    out = jax.jit(lambda *a: attention.blockwise_attention(*a, block_q=8, block_k=16))(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
+    out = jax.jit(lambda *a: kernels.blockwise_attention(*a, block_q=8, block_k=16))(q, k, v, pos, pos)
     assert_close_visible(out, ref, pos, pos, f"blockwise prefill N={N} K={K} pads={pads}")
 
 
@@ -47,14 +47,14 @@ def test_blockwise_chunked_prefill_and_decode_against_cache(stacked):
     B, T, S, N, K = 2, 40, 72, 8, 2
     q, k, v = random_qkv(B, T, T, N, K, seed=1)
     pos = left_pad_positions(T, (0, 7))
-    full = attention.dense_attention(q, k, v, pos, pos)  # the answer: each query against the whole prompt
+    full = kernels.dense_attention(q, k, v, pos, pos)  # the answer: each query against the whole prompt
     ck, cv, k_pos = _filled_cache(k, v, pos, S)
     layer = jnp.int32(1)
 
     def run(qc, qp):
         if stacked:
-            return attention.blockwise_attention(qc, ck, cv, qp, k_pos, layer=layer, block_q=8, block_k=16)
-        return attention.blockwise_attention(qc, ck[1], cv[1], qp, k_pos, block_q=8, block_k=16)
+            return kernels.blockwise_attention(qc, ck, cv, qp, k_pos, layer=layer, block_q=8, block_k=16)
+        return kernels.blockwise_attention(qc, ck[1], cv[1], qp, k_pos, block_q=8, block_k=16)
 
     run = jax.jit(run)
     for lo, hi in [(0, 24), (24, 40), (39, 40)]:  # chunked prefill, then a decode token
@@ -68,8 +68,8 @@ def test_blockwise_skips_invisible_key_blocks():
     B, T, N, K = 1, 64, 4, 2
     q, k, v = random_qkv(B, T, T, N, K, seed=2)
     pos = left_pad_positions(T, (40,))  # the first 40 tokens are padding: two key blocks of 16 entirely masked
-    out = attention.blockwise_attention(q, k, v, pos, pos, block_q=16, block_k=16)
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    out = kernels.blockwise_attention(q, k, v, pos, pos, block_q=16, block_k=16)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     assert_close_visible(out, ref, pos, pos, "skipped blocks")
     np.testing.assert_array_equal(np.asarray(out[:, :40]), 0.0)
 
@@ -82,7 +82,7 @@ def test_blockwise_memory_is_linear_in_length():
     pos = jax.ShapeDtypeStruct((B, T), jnp.int32)
     scores_bytes = B * N * T * T * 4
     temps = {}
-    for name, fn in [("dense", attention.dense_attention), ("blockwise", attention.blockwise_attention)]:
+    for name, fn in [("dense", kernels.dense_attention), ("blockwise", kernels.blockwise_attention)]:
         compiled = jax.jit(fn).lower(q, kv, kv, pos, pos).compile()
         temps[name] = compiled.memory_analysis().temp_size_in_bytes
     print(f"one [T, S] score matrix: {scores_bytes / 2**20:.0f} MiB; temp bytes: {temps}")
@@ -97,11 +97,11 @@ def test_plain_causal_predicate():
     T, S = 6, 10
     ar = jnp.arange(T)[None]
     k_pos = jnp.full((1, S), -1).at[:, :T].set(ar)
-    assert bool(attention.plain_causal(ar, k_pos))
-    assert bool(attention.plain_causal(ar, ar))
-    assert not bool(attention.plain_causal(ar - 2, ar - 2))  # left padding
-    assert not bool(attention.plain_causal(ar + 4, jnp.arange(S)[None]))  # a chunk after earlier ones
-    assert not bool(attention.plain_causal(ar, k_pos.at[0, 8].set(3)))  # a stale visible slot beyond T
+    assert bool(kernels.plain_causal(ar, k_pos))
+    assert bool(kernels.plain_causal(ar, ar))
+    assert not bool(kernels.plain_causal(ar - 2, ar - 2))  # left padding
+    assert not bool(kernels.plain_causal(ar + 4, jnp.arange(S)[None]))  # a chunk after earlier ones
+    assert not bool(kernels.plain_causal(ar, k_pos.at[0, 8].set(3)))  # a stale visible slot beyond T
 
 
 @pytest.mark.parametrize("case", ["causal", "padded", "later-chunk"])
@@ -114,10 +114,10 @@ def test_causal_flash_dispatch(case):
     pos = left_pad_positions(T, (0, 5) if case == "padded" else (0, 0))
     if case == "later-chunk":
         pos = pos + 4
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     ck, cv, k_pos = _filled_cache(k, v, pos, S)
-    assert bool(attention.plain_causal(pos, k_pos)) == (case == "causal")
-    run = jax.jit(lambda q, qp: attention.causal_attention(q, ck, cv, qp, k_pos, kernel="xla", layer=jnp.int32(1)))
+    assert bool(kernels.plain_causal(pos, k_pos)) == (case == "causal")
+    run = jax.jit(lambda q, qp: kernels.causal_attention(q, ck, cv, qp, k_pos, kernel="xla", layer=jnp.int32(1)))
     assert_close_visible(run(q, pos), ref, pos, pos, f"flash dispatch ({case})")
 
 
@@ -126,8 +126,8 @@ def test_splash_kernel_in_interpreter():
     B, T, N, K, H = 1, 256, 4, 2, 128
     q, k, v = random_qkv(B, T, T, N, K, H, seed=5)
     pos = left_pad_positions(T, (0,))
-    out = attention.causal_attention(q, k, v, pos, pos, kernel="splash", interpret=True)
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    out = kernels.causal_attention(q, k, v, pos, pos, kernel="splash", interpret=True)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     assert_close_visible(out, ref, pos, pos, "splash (interpreted)")
 
 
@@ -163,7 +163,7 @@ def test_write_kv_writes_one_layer_in_place():
     L, B, S, K, H = 3, 2, 10, 2, 4
     ck = jnp.zeros((L, B, S, K, H))
     new = jnp.ones((B, 3, K, H))
-    ck2, cv2 = attention.write_kv(ck, ck, new, 2 * new, jnp.int32(1), jnp.int32(4))
+    ck2, cv2 = kernels.write_kv(ck, ck, new, 2 * new, jnp.int32(1), jnp.int32(4))
     expect = np.zeros((L, B, S, K, H))
     expect[1, :, 4:7] = 1.0
     np.testing.assert_array_equal(np.asarray(ck2), expect)

@@ -34,6 +34,7 @@ from helpers_hf import (  # noqa: E402
 from glm4_jax import checkpoint  # noqa: E402
 from glm4_jax.convert import table  # noqa: E402
 from glm4_jax.convert.__main__ import main  # noqa: E402
+from glm4_jax.paths import flatten  # noqa: E402
 
 T = 320  # prompt length: long enough that a partial-RoPE mistake shows
 
@@ -240,9 +241,7 @@ def test_manifest_config_and_tokenizer(hf_model, tmp_path):
     for name, entry in listed.items():
         data = (src / name).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
-    assert set(manifest["params"]) == {
-        n for n, _ in checkpoint.flatten(checkpoint.expected_params(checkpoint.check(dst)[0]))
-    }
+    assert set(manifest["params"]) == {n for n, _ in flatten(checkpoint.expected_params(checkpoint.check(dst)[0]))}
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -258,7 +257,7 @@ def test_save_load_roundtrip(tmp_path):
     back = checkpoint.load(tmp_path / "ck")
     assert back.cfg == cfg
     a, b = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (model, back))
-    for (name, x), (_, y) in zip(checkpoint.flatten(a), checkpoint.flatten(b), strict=True):
+    for (name, x), (_, y) in zip(flatten(a), flatten(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
     with pytest.raises(FileExistsError):
         checkpoint.save(tmp_path / "ck", model, cfg)
@@ -311,12 +310,11 @@ def test_load_refuses_foreign_and_incomplete(tmp_path):
 
 
 def test_load_onto_mesh(hf_model, tokens, ref_logits, tmp_path):
-    sharding = pytest.importorskip("glm4_jax.sharding")
-    if not hasattr(sharding, "param_shardings") or not hasattr(sharding, "make_mesh"):
-        pytest.skip("glm4_jax.sharding.param_shardings is not there yet")
+    from glm4_jax.sharding import make_mesh
+
     save_hf(hf_model, tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "dst", "--dtype", "float32")
-    mesh = sharding.make_mesh("data=1,fsdp=2,tensor=2,sequence=2")
+    mesh = make_mesh("data=1,fsdp=2,tensor=2,sequence=2")
     model = checkpoint.load(tmp_path / "dst", mesh=mesh)
     q = model.layers.q[...]
     assert len(q.sharding.device_set) > 1

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO
-from tiny import GQA6
 
 from glm4_jax import checkpoint
-from glm4_jax.generate import Generator, clear_compiled, main, pad_left, plan_prefill, truncate_left
+from glm4_jax.engine import Generator, clear_compiled, pad_left, prefill_chunks, truncate_left
+from glm4_jax.fixtures import GQA6
+from glm4_jax.generate import main
 from glm4_jax.model import init_model
 from glm4_jax.sampling import SamplingParams
 
@@ -45,16 +46,16 @@ def _prompt(n, seed=0, lo=3, hi=TINY.vocab_size):
 # ---- planning ------------------------------------------------------------------------------------------------------
 
 
-def test_plan_prefill_buckets_and_chunks():
-    assert plan_prefill(5, 512) == [16]
-    assert plan_prefill(17, 512) == [32]
-    assert plan_prefill(300, 512) == [512]
-    assert plan_prefill(300, 384) == [384]  # bucket capped at the chunk
-    assert plan_prefill(1030, 512) == [16, 512, 512]
-    assert plan_prefill(1024, 512) == [512, 512]
-    assert plan_prefill(37, 16) == [16, 16, 16]
-    assert plan_prefill(37, 16, bucket=False) == [5, 16, 16]
-    assert plan_prefill(5, 512, limit=10) == [10]  # the bucket never passes the cache length
+def test_prefill_chunks_buckets_and_chunks():
+    assert prefill_chunks(5, 512) == [16]
+    assert prefill_chunks(17, 512) == [32]
+    assert prefill_chunks(300, 512) == [512]
+    assert prefill_chunks(300, 384) == [384]  # bucket capped at the chunk
+    assert prefill_chunks(1030, 512) == [16, 512, 512]
+    assert prefill_chunks(1024, 512) == [512, 512]
+    assert prefill_chunks(37, 16) == [16, 16, 16]
+    assert prefill_chunks(37, 16, bucket=False) == [5, 16, 16]
+    assert prefill_chunks(5, 512, limit=10) == [10]  # the bucket never passes the cache length
 
 
 def test_pad_left_positions():
@@ -135,7 +136,7 @@ def test_all_rows_stopped_ends_the_loop_early(gen):
 
 
 def test_default_stop_ids_are_the_config_eos_ids(gen):
-    assert gen._settings(SamplingParams(), 4, None).stop_ids == TINY.eos_token_ids
+    assert gen.settings(SamplingParams(), 4, None).stop_ids == TINY.eos_token_ids
 
 
 def test_max_new_tokens(gen):
@@ -158,7 +159,7 @@ def test_cache_full_stops(gen):
 
 
 def test_prompt_too_long_for_cache(gen):
-    from glm4_jax.generate import GenerationError, PromptTooLongError
+    from glm4_jax.engine import GenerationError, PromptTooLongError
 
     with pytest.raises(PromptTooLongError, match="20 tokens"):
         gen.generate([_prompt(20)], max_len=10)
@@ -185,7 +186,7 @@ def test_chunked_prefill_equals_one_shot(model):
 def test_chunked_prefill_logits_equal_one_shot(model):
     import jax
 
-    from glm4_jax.generate import _prefill_chunk
+    from glm4_jax.engine import _prefill_chunk
     from glm4_jax.model import KVCache
 
     p = _prompt(40, 2)
@@ -276,7 +277,7 @@ SMALL_CTX = TINY.replace(vocab_size=384, max_seq_len=64, eos_token_ids=(256, 263
 @pytest.fixture(scope="module")
 def ckpt_dirs(tmp_path_factory):
     """Two checkpoints of a tiny model with a 64-token context: without and with a (synthetic) tokenizer."""
-    from glm4_jax.tokenizer import write_synthetic_tokenizer
+    from glm4_jax.fixtures import write_synthetic_tokenizer
 
     base = tmp_path_factory.mktemp("cli")
     model = _sharpen(init_model(SMALL_CTX, seed=3))
@@ -396,7 +397,7 @@ def _run(args, **kw):
 
 def test_cli_json_subprocess_on_converted_checkpoint(tmp_path):
     from glm4_jax.api import GLM4Chat
-    from glm4_jax.demo import build_demo_checkpoint
+    from glm4_jax.fixtures import build_demo_checkpoint
 
     dst = build_demo_checkpoint(tmp_path / "demo")  # THUDM layout -> the real converter
     proc = _run(["--ckpt", str(dst), "--chat", "Hello there", "--temperature", "0", "--max-new-tokens", "10", "--json"])

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from glm4_jax.demo import build_demo_checkpoint
+from glm4_jax.fixtures import build_demo_checkpoint
 
 GENERATE = [sys.executable, "-m", "glm4_jax.generate", "--prompt-ids", "5,6,7,8,9,10,11", "--max-new-tokens", "12"]
 GENERATE += ["--temperature", "0", "--json"]

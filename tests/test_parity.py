@@ -15,7 +15,7 @@ from helpers_hf import hf_logits, save_hf, tiny_hf_model  # noqa: E402
 
 from glm4_jax import checkpoint  # noqa: E402
 from glm4_jax.convert.pipeline import convert  # noqa: E402
-from glm4_jax.generate import Generator  # noqa: E402
+from glm4_jax.engine import Generator  # noqa: E402
 from glm4_jax.model import KVCache  # noqa: E402
 from glm4_jax.sampling import SamplingParams  # noqa: E402
 from glm4_jax.sharding import make_mesh  # noqa: E402

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
-from tiny import ATOL, RTOL, SHARDABLE, assert_close_visible, left_pad_positions, random_qkv
+from tiny import ATOL, RTOL, assert_close_visible, left_pad_positions, random_qkv
 
-from glm4_jax import attention
+from glm4_jax import attention, kernels, ring
+from glm4_jax.fixtures import SHARDABLE
 from glm4_jax.model import KVCache, init_model
-from glm4_jax.sharding import cache_shardings, init_cache, jit_forward, logical_to_spec, make_mesh, ring, shard_model
+from glm4_jax.placement import cache_shardings, init_cache, jit_forward, shard_model
+from glm4_jax.sharding import logical_to_spec, make_mesh
 
 
 def _ring_prefill(q, k, v, pos, block=4):
@@ -42,7 +44,7 @@ def test_ring_prefill_equals_dense(mesh_spec, N, K, pads):
     T = 37  # not a multiple of 2 * ring size: padded inside
     q, k, v = random_qkv(2, T, T, N, K)
     pos = left_pad_positions(T, pads)
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     with jax.set_mesh(make_mesh(mesh_spec)):
         out = _ring_prefill(q, k, v, pos)
     assert_close_visible(out, ref, pos, pos, f"ring prefill {mesh_spec} N={N} K={K} pads={pads}")
@@ -58,7 +60,7 @@ def test_ring_prefill_with_a_fully_masked_shard():
     pos[1, (2 * n - 1) * c :] = -1  # ... and chunk 7 is padding too (allowed by attend's contract)
     pos = jnp.asarray(pos, jnp.int32)
     assert list(ring.zigzag_order(n)[:2]) == [0, 2 * n - 1]
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     with jax.set_mesh(make_mesh("sequence=4,tensor=2")):
         out = _ring_prefill(q, k, v, pos, block=c)
     assert_close_visible(out, ref, pos, pos, "ring prefill, shard 0 fully masked in row 1")
@@ -83,7 +85,7 @@ def test_zigzag_balances_causal_work():
 def test_ring_without_sequence_axis_is_blockwise():
     q, k, v = random_qkv(1, 20, 20, 4, 2)
     pos = left_pad_positions(20, (0,))
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     with jax.set_mesh(make_mesh("tensor=2,data=4")):
         assert ring.ring_size() == 1
         out = jax.jit(lambda *a: attention.attend(*a, impl="ring"))(q, k, v, pos, pos)
@@ -121,7 +123,7 @@ def test_needle_through_the_ring(where):
     print(f"needle at {needle}: retrieval error after it {err_after:.2g}; closest row before it {err_before:.2g}")
     assert err_after < 0.05
     assert needle == 0 or err_before > 1.0
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     assert_close_visible(out.reshape(1, T, N, H), ref, pos, pos, f"needle {where}")
 
 
@@ -142,7 +144,7 @@ def _write_and_attend(stacked: bool):
 
     def step(ck, cv, k_pos, q, k, v, pos, start):
         layer = jnp.int32(1)
-        ck, cv = attention.write_kv(ck, cv, k, v, layer, start)
+        ck, cv = kernels.write_kv(ck, cv, k, v, layer, start)
         k_pos = jax.lax.dynamic_update_slice(k_pos, pos, (0, start))
         if stacked:
             out = attention.attend(q, ck, cv, pos, k_pos, impl="ring", layer=layer)
@@ -161,7 +163,7 @@ def test_decode_with_sequence_sharded_cache_equals_dense(stacked, mesh_spec, N, 
     T, S, L, H = 16, 32, 3, 16
     q, k, v = random_qkv(2, T, T, N, K, seed=3)
     pos = left_pad_positions(T, (0, 3))
-    ref = attention.dense_attention(q, k, v, pos, pos)
+    ref = kernels.dense_attention(q, k, v, pos, pos)
     mesh = make_mesh(mesh_spec)
     step = _write_and_attend(stacked)
     with jax.set_mesh(mesh):
@@ -198,7 +200,7 @@ def test_needle_in_a_sharded_cache():
     err = float(np.abs(np.asarray(out) - np.arange(1.0, H + 1.0)).max())
     print(f"needle retrieved from shard 0 by a query on shard 2: max error {err:.2g}")
     assert err < 0.05
-    assert_close_visible(out, attention.dense_attention(q, k, v, q_pos, k_pos), q_pos, k_pos, "cache needle")
+    assert_close_visible(out, kernels.dense_attention(q, k, v, q_pos, k_pos), q_pos, k_pos, "cache needle")
 
 
 # ---- the full model under sequence=4 x tensor=2 ------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_decode_step_hlo_stacked_cache_never_copied():
 
         def layer(carry, i):
             ck, cv = carry
-            ck, cv = attention.write_kv(ck, cv, k, v, i, start)
+            ck, cv = kernels.write_kv(ck, cv, k, v, i, start)
             out = attention.attend(q, ck, cv, pos, k_pos, impl="ring", layer=i)
             return (ck, cv), out
 

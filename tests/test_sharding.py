@@ -19,27 +19,29 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from tiny import SHARDABLE
 
 from glm4_jax.config import preset
+from glm4_jax.fixtures import SHARDABLE
 from glm4_jax.model import KVCache, init_model, param_axes
+from glm4_jax.placement import (
+    abstract_params,
+    cache_shardings,
+    init_cache,
+    init_sharded_model,
+    jit_forward,
+    param_shardings,
+    param_tree,
+    shard_model,
+)
 from glm4_jax.sharding import (
     RULES,
     ShardingError,
     abstract_mesh,
-    abstract_params,
-    cache_shardings,
     constrain,
-    init_cache,
-    init_sharded_model,
     initialize_distributed,
-    jit_forward,
     logical_to_spec,
     make_mesh,
-    param_shardings,
-    param_tree,
     parse_mesh_spec,
-    shard_model,
     tpu_vm_host_count,
 )
 from glm4_jax.sharding import plan as planner

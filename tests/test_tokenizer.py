@@ -14,6 +14,7 @@ import re
 
 import pytest
 
+from glm4_jax.fixtures import write_synthetic_tokenizer
 from glm4_jax.tokenizer import (
     SPECIAL_TOKENS,
     TOOL_HEADING_SEPARATOR,
@@ -22,7 +23,6 @@ from glm4_jax.tokenizer import (
     TokenizerError,
     parse_tool_call,
     read_ranks,
-    write_synthetic_tokenizer,
 )
 
 GMASK, SOP, SYSTEM, USER, ASSISTANT, OBSERVATION = 151331, 151333, 151335, 151336, 151337, 151338

@@ -12,9 +12,11 @@ import pytest
 from flax import nnx
 
 from glm4_jax import checkpoint
-from glm4_jax.config import Config
+from glm4_jax.config import Config, np_dtype
 from glm4_jax.convert.table import transpose2d
+from glm4_jax.fileio import ArraySource
 from glm4_jax.model import abstract_model, init_model, param_axes
+from glm4_jax.paths import flatten, map_with_path
 
 MiB = 1 << 20
 
@@ -50,10 +52,10 @@ def test_param_layout_is_the_models():
     model = abstract_model(cfg)
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     got = {name: (tuple(a.shape), axes) for (name, a), (_, axes) in zip(
-        checkpoint.flatten(shapes), checkpoint.flatten(param_axes(model)), strict=True
+        flatten(shapes), flatten(param_axes(model)), strict=True
     )}  # fmt: skip
     assert got == cfg.param_layout()
-    assert {n: a.shape for n, a in checkpoint.flatten(checkpoint.expected_params(cfg))} == {
+    assert {n: a.shape for n, a in flatten(checkpoint.expected_params(cfg))} == {
         n: s for n, (s, _) in cfg.param_layout().items()
     }
 
@@ -73,7 +75,7 @@ def test_padded_edge_chunks_roundtrip(dtype, tmp_path, monkeypatch):
     embed = json.loads((params / "embed" / "zarr.json").read_text())
     rows = embed["chunk_grid"]["configuration"]["chunk_shape"][0]
     assert 67 % rows != 0  # the last chunk of the embedding is padded
-    isz = np.dtype(checkpoint.np_dtype(dtype)).itemsize
+    isz = np.dtype(np_dtype(dtype)).itemsize
     chunk_files = sorted((params / "embed" / "c").rglob("*"))
     chunk_files = [p for p in chunk_files if p.is_file()]
     assert len(chunk_files) == math.ceil(67 / rows)
@@ -83,7 +85,7 @@ def test_padded_edge_chunks_roundtrip(dtype, tmp_path, monkeypatch):
 
     back = checkpoint.load(tmp_path / "ck")
     a, b = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (model, back))
-    for (name, x), (_, y) in zip(checkpoint.flatten(a), checkpoint.flatten(b), strict=True):
+    for (name, x), (_, y) in zip(flatten(a), flatten(b), strict=True):
         assert y.dtype == x.dtype, name
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
 
@@ -96,7 +98,7 @@ def test_write_error_propagates_and_stops(tmp_path):
     )  # fmt: skip
     calls = []
 
-    class Failing(checkpoint.ArraySource):
+    class Failing(ArraySource):
         def __init__(self, shape):
             self.shape, self.dtype = shape, np.dtype(np.float32)
 
@@ -106,7 +108,7 @@ def test_write_error_propagates_and_stops(tmp_path):
                 raise RuntimeError("bad block")
             out[...] = 1.0
 
-    sources = checkpoint._map(lambda s: Failing(s.shape), checkpoint.expected_params(cfg))
+    sources = map_with_path(lambda _, s: Failing(s.shape), checkpoint.expected_params(cfg))
     with pytest.raises(RuntimeError, match="bad block"):
         checkpoint.write_params(tmp_path / "params", sources, cfg, chunk_bytes=256, threads=2)
     n = len(calls)

@@ -1,33 +1,26 @@
-"""The rules applied to GLM-4: parameter and cache shardings, placing a model on a mesh, a sharded forward pass."""
+"""A GLM-4 model on a device mesh: the shardings of its parameters and KV cache, placing it, a sharded forward pass.
+
+The rules themselves (`glm4_jax.sharding`) know logical axis names only; this module applies them to the model's
+parameter tree and cache. Everything here is importable from the top-level package too:
+
+    import glm4_jax
+    mesh = glm4_jax.sharding.make_mesh("tensor=4,sequence=2")
+    glm4_jax.shard_model(model, mesh)
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
-# A module import (not `from ... import`): glm4_jax.model may import glm4_jax.sharding.rules while it loads.
-import glm4_jax.model as model_lib
 from glm4_jax.config import Config
-
-from .rules import LOGITS_AXES, TOKENS_AXES, Rules, named_sharding
-
-if TYPE_CHECKING:
-    from glm4_jax.model import GLM4, KVCache
-
-
-def _map_params(fn, values: dict, axes: dict, path: tuple = ()) -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out[key] = _map_params(fn, value, axes[key], (*path, key))
-        else:
-            out[key] = fn("/".join(map(str, (*path, key))), value, axes[key])
-    return out
+from glm4_jax.model import GLM4, KVCache, abstract_model, init_model, param_axes
+from glm4_jax.paths import flatten, map_with_path
+from glm4_jax.sharding.rules import LOGITS_AXES, TOKENS_AXES, Rules, named_sharding
 
 
 def param_tree(model: GLM4) -> dict:
@@ -41,16 +34,13 @@ def param_shardings(model: GLM4, mesh: Mesh | AbstractMesh, rules: Rules | None 
     `model` may be a real model or `abstract_model(cfg)`; `mesh` a `Mesh`, or an `AbstractMesh` for planning.
     Raises `ShardingError` when a big weight cannot be divided (see rules.py).
     """
-    return _map_params(
-        lambda path, x, axes: named_sharding(mesh, axes, x.shape, rules, path),
-        param_tree(model),
-        model_lib.param_axes(model),
-    )
+    axes = dict(flatten(param_axes(model)))
+    return map_with_path(lambda path, x: named_sharding(mesh, axes[path], x.shape, rules, path), param_tree(model))
 
 
 def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
     """`KVCache` of ShapeDtypeStructs, without allocating."""
-    return jax.eval_shape(lambda: model_lib.KVCache.init(cfg, batch, max_len, dtype))
+    return jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dtype))
 
 
 def cache_shardings(
@@ -60,9 +50,9 @@ def cache_shardings(
     `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them."""
     shapes = abstract_cache(cfg, batch, max_len)
     fields = {}
-    for field, axes in model_lib.KVCache.AXES.items():
+    for field, axes in KVCache.AXES.items():
         fields[field] = named_sharding(mesh, axes, getattr(shapes, field).shape, rules, f"cache/{field}")
-    return model_lib.KVCache(**fields)
+    return KVCache(**fields)
 
 
 def _with_shardings(shapes, shardings):
@@ -71,17 +61,8 @@ def _with_shardings(shapes, shardings):
 
 def abstract_params(model_or_cfg: GLM4 | Config, mesh: Mesh | AbstractMesh, rules: Rules | None = None) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: the target of a sharded restore."""
-    model = model_lib.abstract_model(model_or_cfg) if isinstance(model_or_cfg, Config) else model_or_cfg
+    model = abstract_model(model_or_cfg) if isinstance(model_or_cfg, Config) else model_or_cfg
     return _with_shardings(param_tree(model), param_shardings(model, mesh, rules))
-
-
-def abstract_sharded_cache(
-    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None
-) -> KVCache:
-    """The `KVCache` as ShapeDtypeStructs carrying their shardings."""
-    return _with_shardings(
-        abstract_cache(cfg, batch, max_len, dtype), cache_shardings(cfg, mesh, batch, max_len, rules)
-    )
 
 
 # ---- placing things on the mesh ---------------------------------------------------------------------------------
@@ -100,9 +81,9 @@ def shard_model(model: GLM4, mesh: Mesh, rules: Rules | None = None) -> GLM4:
 
 def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | None = None) -> GLM4:
     """`init_model(cfg, seed)` with every parameter created directly in its shards."""
-    abstract = model_lib.abstract_model(cfg)
+    abstract = abstract_model(cfg)
     shardings = param_shardings(abstract, mesh, rules)
-    params = jax.jit(lambda: param_tree(model_lib.init_model(cfg, seed)), out_shardings=shardings)()
+    params = jax.jit(lambda: param_tree(init_model(cfg, seed)), out_shardings=shardings)()
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, params)
 
@@ -110,7 +91,7 @@ def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | No
 def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None) -> KVCache:
     """An empty `KVCache`, created directly in its shards."""
     shardings = cache_shardings(cfg, mesh, batch, max_len, rules)
-    return jax.jit(lambda: model_lib.KVCache.init(cfg, batch, max_len, dtype), out_shardings=shardings)()
+    return jax.jit(lambda: KVCache.init(cfg, batch, max_len, dtype), out_shardings=shardings)()
 
 
 def jit_forward(

@@ -29,8 +29,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from glm4_jax import attention
-from glm4_jax.attention import Array, QueryBlocks, SoftmaxState
+from glm4_jax import kernels
+from glm4_jax.kernels import Array, QueryBlocks, SoftmaxState
 from glm4_jax.sharding.rules import logical_to_spec
 
 SEQUENCE = "sequence"
@@ -49,9 +49,9 @@ def ring_attend(
     """`attend` with impl="ring": ring prefill when q and k have the same length (T == S), else attention against a
     sequence-sharded cache; the single-device blockwise kernel without a `sequence` axis of size > 1."""
     if ring_size(axis) == 1:
-        return attention.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
+        return kernels.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
     if q.shape[1] == k.shape[-3]:
-        k, v = attention.select_layer(k, layer), attention.select_layer(v, layer)
+        k, v = kernels.select_layer(k, layer), kernels.select_layer(v, layer)
         return ring_prefill(q, k, v, q_pos, k_pos, axis=axis)
     return sharded_cache_attention(q, k, v, q_pos, k_pos, layer=layer, axis=axis)
 
@@ -131,7 +131,7 @@ def ring_prefill(
     """Ring attention of q [B, T, N, H] against k, v [B, T, K, H] over mesh axis `axis` (see module docstring).
 
     Any T: the sequence is padded to 2n chunks (padding has position -1, invisible both ways). The per-device
-    kernel is `attention.accumulate`, whose `lax.cond` skips (query block, key block) pairs with nothing visible:
+    kernel is `kernels.accumulate`, whose `lax.cond` skips (query block, key block) pairs with nothing visible:
     under a causal mask in zigzag order that is half of the blocks at every ring step but the first.
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -156,17 +156,17 @@ def ring_prefill(
         h0, k_loc = _local_kv_heads(heads, N, K)
         if h0 is not None:  # keep only the kv heads this shard's query heads use: less on the wire
             k, v = (lax.dynamic_slice_in_dim(x, h0, k_loc, axis=2) for x in (k, v))
-        qb = attention.query_blocks(q, q_pos, k_loc, b)
-        state = attention.vary_like(attention.empty_state(qb), q, k, v, k_pos)  # the loop carry's type
+        qb = kernels.query_blocks(q, q_pos, k_loc, b)
+        state = kernels.vary_like(kernels.empty_state(qb), q, k, v, k_pos)  # the loop carry's type
 
         def step(_, carry):
             state, kv = carry
             nxt = tuple(lax.ppermute(x, axis, perm) for x in kv)  # sent while this block is computed
-            return attention.accumulate(state, qb, *kv, block_k=b), nxt
+            return kernels.accumulate(state, qb, *kv, block_k=b), nxt
 
         state, kv = lax.fori_loop(0, n - 1, step, (state, (k, v, k_pos)))
-        state = attention.accumulate(state, qb, *kv, block_k=b)
-        return attention.finish(state, qb.length, q.dtype)
+        state = kernels.accumulate(state, qb, *kv, block_k=b)
+        return kernels.finish(state, qb.length, q.dtype)
 
     seq = P(heads.batch, axis)
     out = jax.shard_map(
@@ -204,8 +204,8 @@ def sharded_cache_attention(
     *,
     layer: Array | None = None,
     axis: str = SEQUENCE,
-    block_q: int = attention.BLOCK_Q,
-    block_k: int = attention.BLOCK_K,
+    block_q: int = kernels.BLOCK_Q,
+    block_k: int = kernels.BLOCK_K,
 ) -> Array:
     """q [B, T, N, H] (replicated along `axis`) against a cache k, v [B, S, K, H] (or the stacked [L, B, S, K, H]
     with `layer`) whose slots are sharded along `axis`, merged across devices by log-sum-exp.
@@ -216,7 +216,7 @@ def sharded_cache_attention(
     spec = cache_spec(mesh, k, layer)
     seq_entry = spec[-3]
     if seq_entry is None:
-        return attention.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer, block_q=block_q, block_k=block_k)
+        return kernels.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer, block_q=block_q, block_k=block_k)
     n = _entry_size(mesh, seq_entry)
     B, T, N, H = q.shape
     K = k.shape[-2]
@@ -229,10 +229,10 @@ def sharded_cache_attention(
 
     def body(q, q_pos, k, v, k_pos, layer):  # local: q [B', T, N', H], k, v [(L,) B', S/n, K', H]
         h0, k_loc = _local_kv_heads(heads, N, K)
-        qb = attention.query_blocks(q, q_pos, k_loc, block_q)
-        state = attention.empty_state(qb)
+        qb = kernels.query_blocks(q, q_pos, k_loc, block_q)
+        state = kernels.empty_state(qb)
         layer = layer if has_layer else None
-        state = attention.accumulate(state, qb, k, v, k_pos, layer=layer, head_start=h0, block_k=block_k)
+        state = kernels.accumulate(state, qb, k, v, k_pos, layer=layer, head_start=h0, block_k=block_k)
         return merge(state, qb, seq_entry, scatter, q.dtype)
 
     layer_arg = layer if has_layer else jnp.zeros((), jnp.int32)

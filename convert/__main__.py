@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from glm4_jax.config import DTYPES
+from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, QUANT_SCHEMES
 
 DESCRIPTION = """\
 Convert a GLM-4-9B checkpoint to a glm4-jax checkpoint (Orbax arrays + config + manifest + tokenizer), which
@@ -30,8 +30,13 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, no usage dump
+        _fail(f"{message} (see --help)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m glm4_jax.convert",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -44,6 +49,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=DTYPES,
         default="bfloat16",
         help="dtype of the stored parameters (default: bfloat16, as GLM-4 ships)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        help="store the matrices quantized: int8 (per output channel, about 10 GB for GLM-4-9B) or int4 (groups of "
+        "--group-size along the input dimension, two values per byte, about 5.8 GB); the embedding, norms and "
+        "biases stay in --dtype, which the scales take too (default: no quantization)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        metavar="N",
+        help=f"int4: entries per scale along each matrix's input dimension (default {DEFAULT_GROUP_SIZE}); it must "
+        "divide every input dimension",
     )
     p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument(
@@ -99,6 +119,8 @@ def main(argv=None) -> int:
             args.src,
             args.dst,
             dtype=args.dtype,
+            quantize=args.quantize,
+            group_size=args.group_size,
             force=args.force,
             hash_files=args.hash,
             progress=args.progress,

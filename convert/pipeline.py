@@ -11,9 +11,10 @@ import shutil
 import sys
 import threading
 
-from glm4_jax.config import Config, np_dtype
+from glm4_jax.config import DEFAULT_GROUP_SIZE, Config, np_dtype
 from glm4_jax.fileio import staging_dir
 from glm4_jax.paths import flatten
+from glm4_jax.quant import quantized_sources
 
 from .readers import ConvertError, TensorInfo, bin_to_safetensors, find_files, read_header, readahead, sha256
 from .table import LAYOUTS, map_tensors
@@ -155,6 +156,8 @@ def convert(
     dst: str,
     *,
     dtype: str = "bfloat16",
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
     force: bool = False,
     hash_files: bool = True,
     progress: bool | None = None,
@@ -174,6 +177,8 @@ def convert(
     np_dtype(dtype)
     config_path = root / "config.json"
     cfg = Config.from_file(config_path).replace(dtype=dtype)
+    if quantize is not None:
+        cfg = cfg.replace(quant=quantize, group_size=group_size)  # ConfigError naming a tensor the group misfits
     layout = _layout(config_path)
     files = find_files(root)
     tensors = None
@@ -181,8 +186,7 @@ def convert(
         tensors = inventory(files, None)
         map_tensors(cfg, layout, tensors)  # every name and shape checked before anything is written
 
-    itemsize = np_dtype(dtype).itemsize
-    out_bytes = sum(a.size * itemsize for _, a in flatten(checkpoint.expected_params(cfg)))
+    out_bytes = sum(a.size * a.dtype.itemsize for _, a in flatten(checkpoint.expected_params(cfg)))
     extra = [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
     need = out_bytes + sum(p.stat().st_size for p in extra) + DISK_SLACK
     if files.kind == "bin":
@@ -208,6 +212,8 @@ def convert(
             bar = Progress(out_bytes, used, progress)
             for _, dest in flatten(dests):
                 dest.on_read = bar.read
+            if cfg.quant is not None:
+                dests = quantized_sources(dests, cfg)
             try:
                 checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, cfg, progress=bar.wrote)
             finally:

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 
+from glm4_jax.config import DEFAULT_GROUP_SIZE
 from glm4_jax.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_CHUNK,
@@ -66,6 +67,7 @@ class GLM4Chat:
         *,
         mesh: jax.sharding.Mesh | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_cache: str | None = None,
     ):
         """
         Args:
@@ -73,13 +75,13 @@ class GLM4Chat:
           tokenizer: a `glm4_jax.tokenizer.Tokenizer`, or None (then only token-id prompts work).
           mesh: the mesh the model is sharded over, if any.
           prefill_chunk: prompt tokens per prefill step.
+          kv_cache: the KV cache dtype, e.g. "int8" (half the memory of bfloat16); default the model's dtype.
         """
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
-        self.generator = Generator(
-            model, n_vocab=tokenizer.n_vocab if tokenizer is not None else None, prefill_chunk=prefill_chunk, mesh=mesh
-        )
+        n_vocab = tokenizer.n_vocab if tokenizer is not None else None
+        self.generator = Generator(model, n_vocab=n_vocab, prefill_chunk=prefill_chunk, mesh=mesh, kv_cache=kv_cache)
         self.last_result: GenerationResult | None = None
 
     @classmethod
@@ -89,7 +91,10 @@ class GLM4Chat:
         *,
         mesh: jax.sharding.Mesh | str | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_cache: str | None = None,
     ) -> GLM4Chat:
         """Loads a converted checkpoint (and its tokenizer.model, when it has one).
 
@@ -97,6 +102,9 @@ class GLM4Chat:
           path: a directory written by `python -m glm4_jax.convert`.
           mesh: a Mesh, or a spec such as "tensor=8" (see glm4_jax.sharding.make_mesh); None for one device.
           dtype: compute dtype ("bfloat16", "float32", "float16"); None keeps the checkpoint's.
+          quantize: "int8" or "int4" to quantize an unquantized checkpoint while loading (`glm4_jax.load`).
+          group_size: the int4 group size.
+          kv_cache: the KV cache dtype, e.g. "int8"; default the model's dtype.
         """
         from glm4_jax import checkpoint
 
@@ -104,8 +112,8 @@ class GLM4Chat:
             from glm4_jax.sharding import make_mesh
 
             mesh = make_mesh(mesh)
-        model = checkpoint.load(path, mesh=mesh, dtype=dtype)
-        return cls(model, load_tokenizer(path), mesh=mesh, prefill_chunk=prefill_chunk)
+        model = checkpoint.load(path, mesh=mesh, dtype=dtype, quantize=quantize, group_size=group_size)
+        return cls(model, load_tokenizer(path), mesh=mesh, prefill_chunk=prefill_chunk, kv_cache=kv_cache)
 
     # ---- prompts
 

@@ -31,7 +31,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from glm4_jax.config import DTYPES, PRESETS, ConfigError, preset
+from glm4_jax.config import (
+    DEFAULT_GROUP_SIZE,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    PRESETS,
+    QUANT_SCHEMES,
+    ConfigError,
+    np_dtype,
+    preset,
+)
 from glm4_jax.engine import Generator
 from glm4_jax.fixtures import TINY
 from glm4_jax.sampling import SamplingParams
@@ -79,15 +88,17 @@ def parse_workloads(decode: str, prefill: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def step_bytes(model, batch: int, context: int) -> int:
-    """Bytes one decode step reads: all weights but the embedding table, B embedding rows, the K/V cache."""
+def step_bytes(model, batch: int, context: int, kv_cache: str | None = None) -> int:
+    """Bytes one decode step reads: all weights but the embedding table, B embedding rows, the K/V cache (and its
+    scales, for an int8 cache)."""
     cfg = model.cfg
     params = nnx.state(model, nnx.Param)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     embed = model.embed.get_value()
     itemsize = embed.dtype.itemsize
     total -= embed.size * itemsize - batch * cfg.hidden_size * itemsize
-    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+    layout = cfg.cache_layout(batch, context, kv_cache or embed.dtype.name)
+    kv = sum(math.prod(shape) * np_dtype(dt).itemsize for name, (shape, _, dt) in layout.items() if name[0] in "kv")
     return total + kv
 
 
@@ -129,7 +140,7 @@ def run_workload(gen: Generator, kind: str, batch: int, prompt: int, new_tokens:
     if kind == "decode" and steps > 1:
         decode_s = statistics.median(r.decode_s for r in runs)
         per_step = decode_s / (steps - 1)
-        nbytes = step_bytes(gen_model(gen), batch, prompt + steps // 2)
+        nbytes = step_bytes(gen_model(gen), batch, prompt + steps // 2, gen.cache_dtype.name)
         row.decode_tok_s = batch / per_step
         row.ms_per_step = per_step * 1e3
         row.gb_per_s = nbytes / per_step / 1e9
@@ -146,9 +157,11 @@ def load_model(args, mesh):
     if args.ckpt:
         from glm4_jax import checkpoint
 
-        return checkpoint.load(args.ckpt, mesh=mesh, dtype=args.dtype)
+        return checkpoint.load(
+            args.ckpt, mesh=mesh, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
+        )
     cfg = TINY if args.random == "tiny" else preset(args.random)
-    cfg = cfg.replace(dtype=args.dtype or "bfloat16")
+    cfg = cfg.replace(dtype=args.dtype or "bfloat16", quant=args.quantize, group_size=args.group_size)
     from glm4_jax.placement import init_sharded_model
     from glm4_jax.sharding import make_mesh
 
@@ -202,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (default 3)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (default 2048)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 / the checkpoint's")
+    p.add_argument("--quantize", choices=QUANT_SCHEMES, help="int8 or int4 weights (random, or quantized on load)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size (default 128)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, help="KV cache dtype (default: the compute dtype)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. tensor=8 (default: one device)")
     p.add_argument("--bandwidth", type=float, metavar="GB/s", help="memory bandwidth for the floor column")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -230,7 +246,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    gen = Generator(model, prefill_chunk=args.prefill_chunk, mesh=mesh)
+    gen = Generator(model, prefill_chunk=args.prefill_chunk, mesh=mesh, kv_cache=args.kv_cache)
     bw = device_bandwidth(args.bandwidth)
     rows = []
     for kind, batch, prompt in workloads:

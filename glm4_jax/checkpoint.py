@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from glm4_jax.config import Config, np_dtype
+from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, QUANTIZED, Config, ConfigError, np_dtype
 from glm4_jax.fileio import ArraySource, NumpySource, ScratchBuffer, staging_dir, write_all
 from glm4_jax.paths import flatten, unflatten
 
@@ -202,12 +202,14 @@ def write_params(
     threads = threads or WRITERS
     directory = pathlib.Path(directory)
     directory.mkdir()
-    layout = cfg.param_layout()
+    layout = cfg.stored_layout()
     arrays = flatten(sources)
     jobs = []
     for name, source in arrays:
         dtype = np.dtype(source.dtype)
-        chunk = chunk_shape(tuple(source.shape), layout[name][1], dtype.itemsize, chunk_bytes)
+        # A quantized array's chunk is computed from a float32 block of the same entries: size the chunk by that.
+        work_itemsize = 4 if dtype.kind in "iu" else dtype.itemsize
+        chunk = chunk_shape(tuple(source.shape), layout[name][1], work_itemsize, chunk_bytes)
         array_dir = directory / name.replace("/", ".")  # Orbax's name for a tree path without OCDBT
         array_dir.mkdir()
         (array_dir / "zarr.json").write_text(json.dumps(_zarr_metadata(source.shape, dtype, chunk)))
@@ -266,6 +268,7 @@ def write_manifest(
         "converter_version": package_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": cfg.dtype,
+        "quantization": None if cfg.quant is None else {"scheme": cfg.quant, "group_size": cfg.group_size},
         "params": {
             name: {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name} for name, leaf in flatten(params)
         },
@@ -283,8 +286,9 @@ def save(path: str | os.PathLike, model_or_params, cfg: Config, *, overwrite: bo
         params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     else:
         params = model_or_params
-    params = unflatten((name, NumpySource(x, np_dtype(cfg.dtype))) for name, x in flatten(params))
     _check_tree(params, cfg, what="parameters given to save()")
+    layout = cfg.stored_layout()
+    params = unflatten((name, NumpySource(x, np_dtype(layout[name][2]))) for name, x in flatten(params))
     with staging_dir(path, overwrite=overwrite) as tmp:
         write_params(tmp / PARAMS_DIR, params, cfg)
         cfg.save(tmp / CONFIG)
@@ -307,9 +311,10 @@ class ParamSpec:
 
 
 def expected_params(cfg: Config) -> dict:
-    """The parameter tree of `GLM4(cfg)` as `ParamSpec`s, from `Config.param_layout` (no JAX needed)."""
-    dtype = np_dtype(cfg.dtype)
-    return unflatten((path, ParamSpec(shape, dtype)) for path, (shape, _) in cfg.param_layout().items())
+    """The parameter tree of `GLM4(cfg)` as `ParamSpec`s, from `Config.stored_layout` (no JAX needed)."""
+    return unflatten(
+        (path, ParamSpec(shape, np_dtype(dtype))) for path, (shape, _, dtype) in cfg.stored_layout().items()
+    )
 
 
 def _check_tree(tree: dict, cfg: Config, *, what: str) -> None:
@@ -390,18 +395,82 @@ def _restore(path: pathlib.Path, cfg: Config, shardings: dict) -> dict:
         return ckptr.restore(path.absolute() / PARAMS_DIR, args=ocp.args.StandardRestore(target))
 
 
-def load(path: str | os.PathLike, *, mesh=None, dtype: str | None = None):
+def read_region(array_dir: pathlib.Path, region: tuple[slice, ...]) -> np.ndarray:
+    """The block `region` (slices with start and stop) of one stored array, read from its chunk files (the zarr v3
+    arrays that `write_params` writes: raw little-endian chunks, edge chunks padded), as a numpy array."""
+    meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
+    chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    dtype = np_dtype(meta["data_type"])
+    out = np.empty(tuple(r.stop - r.start for r in region), dtype)
+    ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunk, strict=True)]
+    for index in itertools.product(*ranges):
+        data = np.fromfile(array_dir.joinpath("c", *map(str, index)), dtype).reshape(chunk)
+        src, dst = [], []
+        for i, r, c in zip(index, region, chunk, strict=True):
+            lo, hi = max(r.start, i * c), min(r.stop, (i + 1) * c)
+            src.append(slice(lo - i * c, hi - i * c))
+            dst.append(slice(lo - r.start, hi - r.start))
+        out[tuple(dst)] = data[tuple(src)]
+    return out
+
+
+def _quantized_arrays(path: pathlib.Path, cfg: Config, target: Config) -> Iterator[tuple[str, np.ndarray]]:
+    """(stored path, host array) of every array of `target` (a quantized config) from the dense checkpoint of
+    `cfg` at `path`: each matrix quantized one layer at a time (glm4_jax.quant), the rest cast to target.dtype."""
+    from glm4_jax import quant
+
+    stored = target.stored_layout()
+    for name, (shape, _) in cfg.param_layout().items():
+        array_dir = path / PARAMS_DIR / name.replace("/", ".")
+        full = tuple(slice(0, n) for n in shape)
+        contracted = QUANTIZED.get(name)
+        if contracted is None:
+            yield name, read_region(array_dir, full).astype(np_dtype(target.dtype))
+            continue
+        values = np.empty(stored[name][0], np_dtype(stored[name][2]))
+        scales = np.empty(stored[name + "_scale"][0], np_dtype(target.dtype))
+        stacked = name.startswith("layers/")
+        for layer in range(shape[0]) if stacked else (None,):
+            region = (slice(layer, layer + 1), *full[1:]) if stacked else full
+            dense = read_region(array_dir, region)
+            v, sc = quant.quantize(
+                dense, contracted, target.quant, target.group_size, scale_dtype=np_dtype(target.dtype)
+            )
+            if stacked:
+                values[layer], scales[layer] = v[0], sc[0]
+            else:
+                values[...], scales[...] = v, sc
+        yield name, values
+        yield name + "_scale", scales
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    mesh=None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+):
     """Loads a converted checkpoint as a `GLM4` model.
 
     Args:
       path: a directory written by `python -m glm4_jax.convert` or by `save`.
-      mesh: a `jax.sharding.Mesh` to shard the parameters over (with `glm4_jax.sharding.param_shardings`);
+      mesh: a `jax.sharding.Mesh` to shard the parameters over (with `glm4_jax.param_shardings`);
         None puts everything on the default device.
       dtype: "bfloat16", "float32" or "float16" to cast the parameters to (and run the model in); None: as stored.
+        Quantized values stay as they are; their scales take this dtype.
+      quantize: "int8" or "int4" to quantize the matrices of an unquantized checkpoint while loading (one layer at a
+        time on the host, so the full-precision model is never on a device); a checkpoint converted with
+        `--quantize` is quantized already and needs nothing here.
+      group_size: the int4 group size along the input dimension.
     Returns:
-      the model, its parameters restored straight onto their devices (each process reads only its slices).
+      the model, its parameters restored straight onto their devices (each process reads only its slices; with
+      `quantize`, each process reads the arrays whole and places its shards).
     Raises:
-      CheckpointError: `path` is not a complete glm4-jax checkpoint, or it does not match its config.json.
+      CheckpointError: `path` is not a complete glm4-jax checkpoint, it does not match its config.json, or
+        `quantize` is given for a checkpoint that is quantized already.
+      ConfigError: a bad dtype, scheme or group size.
     """
     import jax
     from flax import nnx
@@ -410,18 +479,32 @@ def load(path: str | os.PathLike, *, mesh=None, dtype: str | None = None):
 
     path = pathlib.Path(path)
     cfg, _ = check(path)
-    if dtype is not None:
-        np_dtype(dtype)
-        cfg = cfg.replace(dtype=dtype)
-    abstract = abstract_model(cfg)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = cfg.replace(dtype=dtype or cfg.dtype)
+    if quantize is not None:
+        if cfg.quant is not None:
+            raise CheckpointError(
+                f"{path}: the checkpoint is quantized already ({cfg.quant}); load it without quantize"
+            )
+        target = target.replace(quant=quantize, group_size=group_size)  # ConfigError for a bad scheme or group
+    abstract = abstract_model(target)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, expected_params(cfg))
+        shardings = jax.tree.map(lambda _: device, expected_params(target))
     else:
         from glm4_jax.placement import param_shardings
 
         shardings = param_shardings(abstract, mesh)
-    params = _restore(path, cfg, shardings)
+    if quantize is None:
+        params = _restore(path, target, shardings)
+    else:
+        flat = dict(flatten(shardings))
+        placed = []
+        for name, host in _quantized_arrays(path, cfg, target):
+            sharding = flat[name]
+            placed.append((name, jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])))
+        params = unflatten(placed)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

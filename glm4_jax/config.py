@@ -25,6 +25,24 @@ CHAT_STOP_IDS = (ENDOFTEXT_ID, USER_ID, OBSERVATION_ID)
 
 DTYPES = ("bfloat16", "float32", "float16")
 
+# Weight quantization (glm4_jax/quant.py): int8 symmetric per output channel; int4 symmetric in groups of
+# `group_size` along the input dimension, two values per byte.
+QUANT_SCHEMES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 128
+# The quantized matrices and their contracted (input) axes; the embedding table (one row read per token), the norms
+# and the biases stay in `dtype`. int4 groups run along the last contracted axis (head_dim for `o`, so no group
+# spans two heads), and its values are packed in pairs along it.
+QUANTIZED = {
+    "layers/q": (1,),
+    "layers/k": (1,),
+    "layers/v": (1,),
+    "layers/o": (1, 2),
+    "layers/gate": (1,),
+    "layers/up": (1,),
+    "layers/down": (1,),
+    "lm_head": (0,),
+}
+
 # The fields of the KV cache (glm4_jax.model.KVCache) and the logical axes of each.
 CACHE_AXES: dict[str, tuple[str, ...]] = {
     "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
@@ -32,14 +50,18 @@ CACHE_AXES: dict[str, tuple[str, ...]] = {
     "pos": ("batch", "cache_seq"),
     "end": (),
 }
+# An int8 cache also holds one float32 scale per token and kv head, shaped [L, B, S, K, 1] like its k and v.
+CACHE_SCALE_AXES: dict[str, tuple[str, ...]] = {"k_scale": CACHE_AXES["k"], "v_scale": CACHE_AXES["v"]}
+KV_CACHE_DTYPES = (*DTYPES, "int8")
 
 
 def np_dtype(name: str):
-    """The numpy dtype for a Config dtype name ("bfloat16" is ml_dtypes' type)."""
+    """The numpy dtype for a Config dtype name ("bfloat16" is ml_dtypes' type), a stored quantized dtype ("int8",
+    "uint8": int4 pairs) or an int32 cache field."""
     import ml_dtypes
     import numpy as np
 
-    if name not in DTYPES:
+    if name not in DTYPES and name not in ("int8", "uint8", "int32"):
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
@@ -65,6 +87,8 @@ class Config:
     eos_token_ids: tuple[int, ...] = CHAT_STOP_IDS
     pad_token_id: int = ENDOFTEXT_ID
     dtype: str = "bfloat16"  # parameters and activations; norms, RoPE and softmax always run in float32
+    quant: str | None = None  # None, or the weight quantization of QUANTIZED's matrices: "int8" or "int4"
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: values per scale along the input dimension
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -76,6 +100,10 @@ class Config:
                 f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} "
                 "must give an even number of rotary dims"
             )
+        if self.quant is not None and self.quant not in QUANT_SCHEMES:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANT_SCHEMES)}, got {self.quant!r}")
+        if self.quant == "int4":
+            self._check_groups()
         for name, ids in (("pad_token_id", (self.pad_token_id,)), ("eos_token_ids", self.eos_token_ids)):
             if not all(0 <= i < self.vocab_size for i in ids):
                 raise ConfigError(f"{name} {ids} must lie in the vocabulary [0, {self.vocab_size})")
@@ -122,14 +150,65 @@ class Config:
         }
         return layout
 
-    def cache_layout(self, batch: int, max_len: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-        """Every field of a KV cache of `batch` rows and `max_len` slots: name -> (shape, logical axis names).
+    def _check_groups(self) -> None:
+        g = self.group_size
+        if not isinstance(g, int) or g < 2 or g % 2:
+            raise ConfigError(f"the int4 group size must be an even integer >= 2, got {g!r}")
+        layout = self.param_layout()
+        for path, contracted in QUANTIZED.items():
+            shape, axes = layout[path]
+            last = contracted[-1]
+            if shape[last] % g:
+                raise ConfigError(
+                    f"group size {g} does not divide the input dimension of {path} "
+                    f"({axes[last]} = {shape[last]}); choose a divisor of {shape[last]}"
+                )
 
-        k and v hold `dtype` (the config's by default), pos and end int32 (see glm4_jax.model.KVCache).
+    def stored_layout(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+        """The arrays the model holds and a checkpoint stores: path -> (shape, logical axes, dtype name).
+
+        Without quantization, `param_layout()` in `dtype`. With `quant`, each matrix of QUANTIZED is stored as its
+        quantized values at the same path plus `{path}_scale` in `dtype` (glm4_jax/quant.py):
+          int8: values int8, the matrix's shape; scale: its shape without the contracted axes (one per output);
+          int4: values uint8, two per byte along the last contracted axis (half its length); scale: the matrix's
+            shape with that axis divided by `group_size` (one per group).
+        Scales carry the logical axes of their matrix, so they shard with it.
         """
+        out = {}
+        for path, (shape, axes) in self.param_layout().items():
+            contracted = QUANTIZED.get(path) if self.quant else None
+            if contracted is None:
+                out[path] = (shape, axes, self.dtype)
+            elif self.quant == "int8":
+                out[path] = (shape, axes, "int8")
+                keep = [i for i in range(len(shape)) if i not in contracted]
+                out[path + "_scale"] = (tuple(shape[i] for i in keep), tuple(axes[i] for i in keep), self.dtype)
+            else:
+                last = contracted[-1]
+                packed = tuple(n // 2 if i == last else n for i, n in enumerate(shape))
+                groups = tuple(n // self.group_size if i == last else n for i, n in enumerate(shape))
+                out[path] = (packed, axes, "uint8")
+                out[path + "_scale"] = (groups, axes, self.dtype)
+        return out
+
+    def cache_layout(
+        self, batch: int, max_len: int, dtype: str | None = None
+    ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+        """Every field of a KV cache of `batch` rows and `max_len` slots: name -> (shape, logical axes, dtype).
+
+        k and v hold `dtype` (default the config's; one of KV_CACHE_DTYPES), pos and end int32 (see
+        glm4_jax.model.KVCache). An int8 cache adds k_scale and v_scale, float32, one per token and kv head.
+        """
+        dtype = dtype or self.dtype
+        if dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"the KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtype!r}")
         kv = (self.num_layers, batch, max_len, self.num_kv_heads, self.head_dim)
         shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "end": ()}
-        return {name: (shapes[name], axes) for name, axes in CACHE_AXES.items()}
+        dtypes = {"k": dtype, "v": dtype, "pos": "int32", "end": "int32"}
+        out = {name: (shapes[name], axes, dtypes[name]) for name, axes in CACHE_AXES.items()}
+        if dtype == "int8":
+            out |= {name: ((*kv[:-1], 1), axes, "float32") for name, axes in CACHE_SCALE_AXES.items()}
+        return out
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

@@ -255,6 +255,7 @@ class Generator:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         mesh: jax.sharding.Mesh | None = None,
         bucket: bool = True,
+        kv_cache: str | None = None,
     ):
         """
         Args:
@@ -263,12 +264,15 @@ class Generator:
           prefill_chunk: prompt tokens per prefill call.
           mesh: the device mesh the model is sharded over; the cache is then created sharded too.
           bucket: pad the prompt length to a bucket (False: feed its exact length; for tests).
+          kv_cache: the KV cache dtype (glm4_jax.config.KV_CACHE_DTYPES); "int8" halves its memory. Default: the
+            model's dtype.
         """
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.cfg: Config = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.embed[...].dtype
+        self.cache_dtype = self.dtype if kv_cache is None else jnp.dtype(self.cfg.cache_layout(1, 1, kv_cache)["k"][2])
         self.n_vocab = int(n_vocab) if n_vocab is not None else default_n_vocab(self.cfg)
         self.prefill_chunk = int(prefill_chunk)
         self.mesh = mesh
@@ -347,10 +351,10 @@ class Generator:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.mesh is None:
-            return KVCache.init(self.cfg, batch, max_len, self.dtype)
+            return KVCache.init(self.cfg, batch, max_len, self.cache_dtype)
         from glm4_jax.placement import init_cache
 
-        return init_cache(self.cfg, self.mesh, batch, max_len, self.dtype)
+        return init_cache(self.cfg, self.mesh, batch, max_len, self.cache_dtype)
 
     def settings(
         self, sampling: SamplingParams | None, max_new_tokens: int, stop_ids: Sequence[int] | None

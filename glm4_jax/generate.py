@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import jax
 
-from glm4_jax.config import DTYPES, Config
+from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, KV_CACHE_DTYPES, QUANT_SCHEMES, Config
 from glm4_jax.engine import CACHE_ROUND, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_CHUNK, GenerationError, truncate_left
 from glm4_jax.sampling import CHAT_DEFAULTS, SamplingError, SamplingParams
 
@@ -104,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         help="compute dtype (default: the checkpoint's own, so a float32 checkpoint runs in float32)",
+    )
+    r.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        help="quantize the matrices of an unquantized checkpoint while loading: int8 (about 10 GB for GLM-4-9B) "
+        "or int4 (about 5.8 GB); a checkpoint converted with --quantize needs nothing here (default: as stored)",
+    )
+    r.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        metavar="N",
+        help=f"with --quantize int4: entries per scale along the input dimension (default {DEFAULT_GROUP_SIZE})",
+    )
+    r.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_DTYPES,
+        help="KV cache dtype; int8 (one scale per token and kv head) takes half the memory of bfloat16, so twice "
+        "the context fits (default: the compute dtype)",
     )
     r.add_argument(
         "--mesh",
@@ -234,7 +253,9 @@ def _load_model(args, mesh):
     from glm4_jax import checkpoint
 
     try:
-        return checkpoint.load(args.ckpt, mesh=mesh, dtype=args.dtype)
+        return checkpoint.load(
+            args.ckpt, mesh=mesh, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
+        )
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError and ShardingError are ValueErrors
         raise UsageError(f"--ckpt {args.ckpt}: {e}".replace("\n", " ")) from None
 
@@ -394,7 +415,7 @@ def _main(args) -> int:
     model = _load_model(args, mesh)
     from glm4_jax.api import GLM4Chat
 
-    chat = GLM4Chat(model, tok, mesh=mesh, prefill_chunk=args.prefill_chunk)
+    chat = GLM4Chat(model, tok, mesh=mesh, prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
     out = _Out(jax.process_index() == 0)
     if interactive:
         _interactive(chat, args, out)

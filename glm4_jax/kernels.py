@@ -60,6 +60,19 @@ def write_kv(ck: Array, cv: Array, k: Array, v: Array, layer: Array, start: Arra
     return ck, cv
 
 
+def quantize_kv(x: Array) -> tuple[Array, Array]:
+    """x [B, T, K, H] -> (int8 values [B, T, K, H], float32 scales [B, T, K, 1]): one scale per token and head,
+    absmax / 127 (1 for an all-zero vector)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_kv(values: Array, scale: Array, layer: Array, dtype) -> Array:
+    """Layer `layer` of an int8 cache array [L, B, S, K, H] with its scales [L, B, S, K, 1], as [B, S, K, H]."""
+    return (select_layer(values, layer).astype(jnp.float32) * select_layer(scale, layer)).astype(dtype)
+
+
 # ---- dense ------------------------------------------------------------------------------------------------------
 
 

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm4_jax import attention, kernels
-from glm4_jax.config import CACHE_AXES, Config
+from glm4_jax import attention, kernels, qmatmul
+from glm4_jax.config import CACHE_AXES, CACHE_SCALE_AXES, QUANTIZED, Config
 from glm4_jax.paths import unflatten
 from glm4_jax.sharding.rules import constrain
 
@@ -39,10 +39,17 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 def _param(cfg: Config, path: str, rngs: nnx.Rngs, init: str = "normal") -> nnx.Param:
-    """The parameter at `path` of `Config.param_layout` (shape and logical axes): normal(0.02) or ones."""
-    shape, axes = cfg.param_layout()[path]
-    dt = jnp.dtype(cfg.dtype)
-    value = jnp.ones(shape, dt) if init == "ones" else _normal(rngs, shape, dt)
+    """The parameter at `path` of `Config.stored_layout` (shape, logical axes, dtype): normal(0.02) or ones; for
+    quantized weights (int8 / uint8 int4 pairs) random integers, and scales that give them a std of about 0.02."""
+    shape, axes, dtype = cfg.stored_layout()[path]
+    if dtype in ("int8", "uint8"):
+        lo, hi = (-127, 128) if dtype == "int8" else (0, 256)
+        value = jax.random.randint(rngs.params(), shape, lo, hi, jnp.int32).astype(dtype)
+    elif path.endswith("_scale"):
+        value = jnp.full(shape, 0.02 / (73.0 if cfg.quant == "int8" else 4.3), cfg.dtype)
+    else:
+        dt = jnp.dtype(dtype)
+        value = jnp.ones(shape, dt) if init == "ones" else _normal(rngs, shape, dt)
     return nnx.Param(value, axes=axes)
 
 
@@ -66,6 +73,11 @@ class Layers(nnx.Module):
         self.gate = p("gate")  # [L, D, F]
         self.up = p("up")  # [L, D, F]
         self.down = p("down")  # [L, F, D]
+        # With cfg.quant, the matrices above are stored quantized (int8, or uint8 int4 pairs; Config.stored_layout)
+        # and each has its scales.
+        if cfg.quant:
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                setattr(self, f"{name}_scale", p(f"{name}_scale"))
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -77,26 +89,27 @@ class KVCache:
     """Keys (already rotated) and values of every layer, plus the position held in each slot.
 
     All rows of a batch are written at the same slots (prompts are left-padded), so one `end` serves the batch.
+    An int8 cache stores k and v as int8 with one float32 scale per token and kv head (k_scale, v_scale
+    [L, B, S, K, 1]); the others have no scales (None).
     """
 
     k: Array  # [L, B, S, K, H]
     v: Array  # [L, B, S, K, H]
     pos: Array  # [B, S] int32: the position of the token in each slot; -1 for empty slots and padding
     end: Array  # [] int32: the next slot to write
+    k_scale: Array | None = None  # [L, B, S, K, 1] float32, int8 caches only
+    v_scale: Array | None = None
 
     AXES = CACHE_AXES  # the logical axes of each field (glm4_jax.config)
+    SCALE_AXES = CACHE_SCALE_AXES  # and of the scales of an int8 cache
 
     @classmethod
     def init(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty cache: shapes from `cfg.cache_layout(batch, max_len)`, k and v in `dtype` (default cfg.dtype)."""
-        shapes = {name: shape for name, (shape, _) in cfg.cache_layout(batch, max_len).items()}
-        dt = jnp.dtype(dtype or cfg.dtype)
-        return cls(
-            k=jnp.zeros(shapes["k"], dt),
-            v=jnp.zeros(shapes["v"], dt),
-            pos=jnp.full(shapes["pos"], -1, jnp.int32),
-            end=jnp.zeros(shapes["end"], jnp.int32),
-        )
+        """An empty cache: `cfg.cache_layout(batch, max_len, dtype)`, k and v in `dtype` (default cfg.dtype; "int8"
+        for an int8 cache)."""
+        layout = cfg.cache_layout(batch, max_len, None if dtype is None else jnp.dtype(dtype).name)
+        fill = {"pos": -1}
+        return cls(**{name: jnp.full(shape, fill.get(name, 0), dt) for name, (shape, _, dt) in layout.items()})
 
     @property
     def max_len(self) -> int:
@@ -146,6 +159,8 @@ class GLM4(nnx.Module):
         self.layers = Layers(cfg, rngs=rngs)
         self.final_norm = _param(cfg, "final_norm", rngs, "ones")  # [D]
         self.lm_head = _param(cfg, "lm_head", rngs)  # [D, V]
+        if cfg.quant:
+            self.lm_head_scale = _param(cfg, "lm_head_scale", rngs)
 
     def __call__(
         self,
@@ -183,29 +198,44 @@ class GLM4(nnx.Module):
             k_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, start))  # [B, S]
 
             def step(carry, p):
-                h, ck, cv, i = carry
-                h, (ck, cv) = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=(ck, cv, i, start, k_pos))
-                return (h, ck, cv, i + 1), None
+                h, arrays, i = carry
+                h, arrays = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=(arrays, i, start, k_pos))
+                return (h, arrays, i + 1), None
 
-            init = (h, cache.k, cache.v, jnp.zeros((), jnp.int32))
-            (h, ck, cv, _), _ = jax.lax.scan(step, init, layer_params)
-            cache = KVCache(k=ck, v=cv, pos=k_pos, end=start + tokens.shape[1])
+            arrays = (cache.k, cache.v) if cache.k_scale is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
+            (h, arrays, _), _ = jax.lax.scan(step, (h, arrays, jnp.zeros((), jnp.int32)), layer_params)
+            cache = KVCache(*arrays[:2], pos=k_pos, end=start + tokens.shape[1], k_scale=None, v_scale=None)
+            if len(arrays) == 4:
+                cache.k_scale, cache.v_scale = arrays[2:]
 
         if logits == "last":
             h = h[:, -1:]
         h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
-        out = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        head = {"lm_head": self.lm_head[...], "lm_head_scale": self.lm_head_scale[...] if cfg.quant else None}
+        out = linear(cfg, "BTD,DV->BTV", h, head, "lm_head", out_dtype=jnp.float32)
         return out, cache
 
 
+def linear(cfg: Config, spec: str, x: Array, p: dict, name: str, out_dtype=None) -> Array:
+    """`jnp.einsum(spec, x, p[name])`, or with cfg.quant the matmul that reads the quantized matrix and its scales
+    `p[name + "_scale"]` (glm4_jax/qmatmul.py). The contracted axes are x's last ones and the matrix's first ones."""
+    path = name if name == "lm_head" else f"layers/{name}"
+    if not cfg.quant or path not in QUANTIZED:
+        return jnp.einsum(spec, x, p[name], preferred_element_type=out_dtype)
+    n_in = len(QUANTIZED[path])
+    w, scale = p[name], p[f"{name}_scale"]
+    return qmatmul.linear(x, w, scale, n_in=n_in, quant=cfg.quant, group=cfg.group_size, out_dtype=out_dtype)
+
+
 def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv):
-    """One pre-norm decoder layer. With `kv` = (cache k, cache v, layer index, first slot, slot positions), the
-    new keys and values are written into the cache in place and attention runs over all its slots."""
+    """One pre-norm decoder layer. With `kv` = (cache arrays, layer index, first slot, slot positions), the new keys
+    and values are written into the cache in place and attention runs over all its slots. The cache arrays are
+    (k, v), or (k, v, k_scale, v_scale) for an int8 cache, whose layer is dequantized for attention."""
     with jax.named_scope("attention"):
         x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-        q = jnp.einsum("BTD,DNH->BTNH", x, p["q"])
-        k = jnp.einsum("BTD,DKH->BTKH", x, p["k"])
-        v = jnp.einsum("BTD,DKH->BTKH", x, p["v"])
+        q = linear(cfg, "BTD,DNH->BTNH", x, p, "q")
+        k = linear(cfg, "BTD,DKH->BTKH", x, p, "k")
+        v = linear(cfg, "BTD,DKH->BTKH", x, p, "v")
         if cfg.attention_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
         q = apply_rope(q, cos, sin)
@@ -214,19 +244,31 @@ def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, 
             attn = attention.attend(q, k, v, positions, positions, impl=impl)
             new_kv = None
         else:
-            ck, cv, i, start, k_pos = kv  # ck, cv: [L, B, S, K, H]
-            ck, cv = kernels.write_kv(ck, cv, k, v, i, start)
+            arrays, i, start, k_pos = kv  # k, v: [L, B, S, K, H]
+            if len(arrays) == 2:
+                ck, cv = kernels.write_kv(*arrays, k, v, i, start)
+            else:
+                (kq, ks), (vq, vs) = kernels.quantize_kv(k), kernels.quantize_kv(v)
+                ck, cv = kernels.write_kv(*arrays[:2], kq, vq, i, start)
+                cks, cvs = kernels.write_kv(*arrays[2:], ks, vs, i, start)
+                cks, cvs = constrain(cks, KVCache.SCALE_AXES["k_scale"]), constrain(cvs, KVCache.SCALE_AXES["v_scale"])
             # Keep the stacked cache in its own sharding: when the tensor axis is larger than the kv heads, XLA
             # would otherwise split it inside the layer loop and gather all of it back on every step.
             ck, cv = constrain(ck, KVCache.AXES["k"]), constrain(cv, KVCache.AXES["v"])
-            attn = attention.attend(q, ck, cv, positions, k_pos, impl=impl, layer=i)
-            new_kv = (ck, cv)
-        h = h + jnp.einsum("BTNH,NHD->BTD", attn, p["o"])
+            if len(arrays) == 2:
+                attn = attention.attend(q, ck, cv, positions, k_pos, impl=impl, layer=i)
+                new_kv = (ck, cv)
+            else:  # this layer's keys and values dequantized ([B, S, K, H], one layer at a time)
+                keys = kernels.dequantize_kv(ck, cks, i, q.dtype)
+                values = kernels.dequantize_kv(cv, cvs, i, q.dtype)
+                attn = attention.attend(q, keys, values, positions, k_pos, impl=impl)
+                new_kv = (ck, cv, cks, cvs)
+        h = h + linear(cfg, "BTNH,NHD->BTD", attn, p, "o")
     with jax.named_scope("mlp"):
         x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-        gate = jnp.einsum("BTD,DF->BTF", x, p["gate"])
-        up = jnp.einsum("BTD,DF->BTF", x, p["up"])
-        h = h + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["down"])
+        gate = linear(cfg, "BTD,DF->BTF", x, p, "gate")
+        up = linear(cfg, "BTD,DF->BTF", x, p, "up")
+        h = h + linear(cfg, "BTF,FD->BTD", jax.nn.silu(gate) * up, p, "down")
     return h, new_kv
 
 

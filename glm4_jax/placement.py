@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
@@ -44,15 +45,15 @@ def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache
 
 
 def cache_shardings(
-    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, rules: Rules | None = None
+    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, rules: Rules | None = None, dtype=None
 ) -> KVCache:
     """A `KVCache` of the `NamedSharding`s of a cache with `batch` rows and `max_len` slots: rows on `data` (and
-    `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them."""
-    shapes = abstract_cache(cfg, batch, max_len)
-    fields = {}
-    for field, axes in KVCache.AXES.items():
-        fields[field] = named_sharding(mesh, axes, getattr(shapes, field).shape, rules, f"cache/{field}")
-    return KVCache(**fields)
+    `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them. `dtype` "int8"
+    adds the shardings of the scales (split like k and v)."""
+    layout = cfg.cache_layout(batch, max_len, None if dtype is None else jnp.dtype(dtype).name)
+    return KVCache(
+        **{name: named_sharding(mesh, axes, shape, rules, f"cache/{name}") for name, (shape, axes, _) in layout.items()}
+    )
 
 
 def _with_shardings(shapes, shardings):
@@ -90,7 +91,7 @@ def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | No
 
 def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None) -> KVCache:
     """An empty `KVCache`, created directly in its shards."""
-    shardings = cache_shardings(cfg, mesh, batch, max_len, rules)
+    shardings = cache_shardings(cfg, mesh, batch, max_len, rules, dtype)
     return jax.jit(lambda: KVCache.init(cfg, batch, max_len, dtype), out_shardings=shardings)()
 
 

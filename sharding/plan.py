@@ -27,7 +27,16 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
-from glm4_jax.config import DTYPES, Config, ConfigError, np_dtype, preset
+from glm4_jax.config import (
+    DEFAULT_GROUP_SIZE,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    QUANT_SCHEMES,
+    Config,
+    ConfigError,
+    np_dtype,
+    preset,
+)
 from glm4_jax.config import PRESETS as CONFIG_PRESETS
 
 from .mesh import MESH_AXES, MeshSpec, abstract_mesh, mesh_sizes, mesh_str
@@ -47,10 +56,12 @@ class Device:
 DEVICES = {
     d.name: d
     for d in (
-        Device("h100", 81559 * MiB, True),  # H100 80GB (SXM): 79.6 GiB
-        Device("h200", 143771 * MiB, True),  # H200 141GB: 140.4 GiB
+        Device("t4", 15360 * MiB, True),  # T4 16GB: 15 GiB as nvidia-smi reports it
+        Device("l4", 23034 * MiB, True),  # L4 24GB: 22.5 GiB as nvidia-smi reports it
         Device("a100-40", 40960 * MiB, True),
         Device("a100-80", 81920 * MiB, True),
+        Device("h100", 81559 * MiB, True),  # H100 80GB (SXM): 79.6 GiB
+        Device("h200", 143771 * MiB, True),  # H200 141GB: 140.4 GiB
         Device("v4", 32 * GiB, False),
         Device("v5e", 16 * GiB, False),
         Device("v5p", 95 * GiB, False),
@@ -161,14 +172,12 @@ def plan_memory(
         raise ValueError(f"headroom is a fraction in [0, 1), got {headroom}")
 
     arrays = []
-    for path, (shape, axes) in sorted(cfg.param_layout().items()):
+    for path, (shape, axes, dtype) in sorted(cfg.stored_layout().items()):
         sharding = named_sharding(mesh, axes, shape, rules, path)
-        arrays.append(_array_plan("weights", path, shape, np_dtype(cfg.dtype), sharding, sizes))
-    kv_dtype = np_dtype(str(cache_dtype or cfg.dtype))
-    for field, (shape, axes) in cfg.cache_layout(batch, max_len).items():
+        arrays.append(_array_plan("weights", path, shape, np_dtype(dtype), sharding, sizes))
+    for field, (shape, axes, dtype) in cfg.cache_layout(batch, max_len, cache_dtype).items():
         sharding = named_sharding(mesh, axes, shape, rules, f"cache/{field}")
-        dtype = kv_dtype if field in ("k", "v") else np.dtype(np.int32)
-        arrays.append(_array_plan("cache", f"cache/{field}", shape, dtype, sharding, sizes))
+        arrays.append(_array_plan("cache", f"cache/{field}", shape, np_dtype(dtype), sharding, sizes))
 
     weights = sum(a.bytes_per_device for a in arrays if a.group == "weights")
     cache_bytes = sum(a.bytes_per_device for a in arrays if a.group == "cache")
@@ -316,13 +325,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-memory", type=float, help="device memory in GiB (instead of --device)")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction kept free (default 0.1)")
     p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: config's)")
-    p.add_argument("--cache-dtype", choices=DTYPES, help="default: the weights dtype")
+    p.add_argument("--quantize", choices=QUANT_SCHEMES, help="int8 or int4 weights (default: none)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size (default 128)")
+    p.add_argument(
+        "--cache-dtype", "--kv-cache", choices=KV_CACHE_DTYPES, help="KV cache dtype (default: the weights dtype)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     try:
         cfg, name = _load_config(args)
         if args.dtype:
             cfg = cfg.replace(dtype=args.dtype)
+        if args.quantize:
+            cfg = cfg.replace(quant=args.quantize, group_size=args.group_size)
         plan = plan_memory(
             cfg,
             args.mesh,

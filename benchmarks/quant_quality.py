@@ -9,7 +9,8 @@ converted by the real converter (bfloat16). Over one prompt of `--tokens` random
 at every position is compared with float32 transformers: mean KL(transformers || ours) in nats, and the share of
 positions whose most likely token agrees. Rows: our bf16 model, int8 and int4 weights (quantized while loading,
 bf16 activations), each with our quantizer (clipping search) and with plain absmax quantization of the same
-weights (the search switched off), and int8 weights with an int8 KV cache when the model has one.
+weights (the search switched off), and int8 weights with an int8 KV cache (the prompt prefilled into the cache,
+so attention reads the quantized keys and values).
 """
 
 from __future__ import annotations
@@ -106,13 +107,15 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from glm4_jax import checkpoint, quant
+    from glm4_jax.model import KVCache
 
     positions = jnp.arange(args.tokens)[None]
     rows = []
 
-    def run(name, **load_kw):
+    def run(name, kv_cache=None, **load_kw):
         m = checkpoint.load(work / "bf16", **load_kw)
-        logits, _ = m(jnp.asarray(tokens, jnp.int32), positions)
+        cache = None if kv_cache is None else KVCache.init(m.cfg, 1, args.tokens, kv_cache)
+        logits, _ = m(jnp.asarray(tokens, jnp.int32), positions, cache)  # with a cache: attention reads it
         rows.append((name, *compare(ref_logp, np.asarray(logits)[0])))
         print(f"  {name}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
             run(f"{scheme} (plain absmax)", **kw)
         finally:
             quant.CLIP_RATIOS = ratios
+    run("int8 + int8 KV cache", kv_cache="int8", quantize="int8")
 
     widths = "real widths" if args.real_widths else "small"
     print(

@@ -69,14 +69,15 @@ GQA6 = Config(
     dtype="float32",
 )
 
-# Matrices much larger than a short KV cache, bfloat16: the compiled-HLO checks of a quantized decode step.
+# Every layer matrix 256 x 256 (much larger than a short KV cache), bfloat16: the compiled-HLO checks of a quantized
+# decode step.
 WIDE = Config(
     vocab_size=512,
     hidden_size=256,
-    intermediate_size=1024,
+    intermediate_size=256,
     num_layers=2,
     num_heads=4,
-    num_kv_heads=2,
+    num_kv_heads=4,
     head_dim=64,
     max_seq_len=64,
     eos_token_ids=(1,),

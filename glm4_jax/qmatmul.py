@@ -6,14 +6,15 @@ token, so the weights must stay quantized in memory: a dequantized copy of a mat
 bf16 matrix itself. The product is therefore accumulated over `nb` blocks of Ck, each dequantized on its own
 (about BLOCK_BYTES, never the whole matrix; tests/test_quant.py checks the compiled HLO of a decode step).
 
-The blocks are strided: block j holds the rows c of Ck with c % nb == j (for int4, the stored pairs p with
-p % nb == j). A mesh axis that splits Ck into contiguous pieces then splits every block the same way, so the
-loop indexes an axis no device is split along and the weights are never gathered. `nb` keeps at least 8 rows'
-factor of two in each block (MIN_SHARD_FACTOR) so that tensor or fsdp meshes of up to 8 devices divide it.
+The blocks are strided: for int8, block j holds the rows c of Ck with c % nb == j; for int4, the groups u with
+u % nb == j, counting the groups of every contracted entry (for `o`, the groups of all heads; whole groups, so
+each row of a block has its group's scale, applied by a broadcast). A mesh
+axis that splits Ck into contiguous pieces then splits every block the same way, so the loop indexes an axis no
+device is split along and the weights are never gathered; `num_blocks` keeps each block divisible by 8 such
+pieces where the block stays under 4 x BLOCK_BYTES.
 
 The integer values are exact in bf16, so each block is converted to the activations' dtype and multiplied in its
-matmul with float32 accumulation; the scales apply in float32 (int8: once, to the output; int4: per row of the
-block, since the rows of a strided block belong to several groups).
+matmul with float32 accumulation; the scales apply in float32 (int8: once, to the output; int4: to the block).
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ import jax.numpy as jnp
 Array = jax.Array
 
 BLOCK_BYTES = 8 << 20  # the most bytes of one dequantized block
-MIN_BLOCKS = 8  # at least this many blocks when the rows allow it
-MIN_SHARD_FACTOR = 8  # rows of a block stay divisible by this power of two
+MIN_BLOCKS = 8  # at least this many blocks when the units allow it
+SHARD_FACTOR = 8  # the units of a block stay divisible by this where blocks stay under 4 x BLOCK_BYTES
 
 
-def num_blocks(rows: int, bytes_per_row: int) -> int:
-    """The number of strided blocks for `rows` stored rows of `bytes_per_row` dequantized bytes each."""
-    twos = (rows & -rows).bit_length() - 1  # the power of two in rows
-    cap = 1 << max(0, twos - MIN_SHARD_FACTOR.bit_length() + 1)  # blocks keep MIN_SHARD_FACTOR | rows per block
-    want = max(MIN_BLOCKS, math.ceil(rows * bytes_per_row / BLOCK_BYTES))
+def num_blocks(units: int, bytes_per_unit: int) -> int:
+    """The number of strided blocks (a power of two dividing `units`) for `units` rows (int8) or groups (int4)
+    of `bytes_per_unit` dequantized bytes each: blocks of at most BLOCK_BYTES and at least MIN_BLOCKS of them
+    (as far as the units allow), then fewer while that keeps SHARD_FACTOR | units per block, at least 4 blocks,
+    and blocks under 4 x BLOCK_BYTES."""
+    want = max(MIN_BLOCKS, math.ceil(units * bytes_per_unit / BLOCK_BYTES))
     nb = 1
-    while nb < want and nb * 2 <= cap:
+    while nb < want and units % (2 * nb) == 0:
         nb *= 2
+    while (units // nb) % SHARD_FACTOR and nb > 4 and units * bytes_per_unit <= 2 * BLOCK_BYTES * nb:
+        nb //= 2
     return nb
 
 
@@ -63,30 +67,36 @@ def linear(x: Array, w: Array, scale: Array, *, n_in: int, quant: str, group: in
     pre = math.prod(xin[:-1])  # the contracted entries outside Ck (N for the attention output)
     n = xin[-1]
     M = math.prod(lead)
-    packed = quant == "int4"
-    rows = n // 2 if packed else n  # stored rows along Ck
-    per = 2 if packed else 1  # values per stored row
-    nb = num_blocks(rows, per * pre * O * jnp.dtype(x.dtype).itemsize)
-    bc = rows // nb
+    itemsize = jnp.dtype(x.dtype).itemsize
+    x = x.reshape(M, pre, n)
 
-    # Rows r = i * nb + j: block j is index j of a [bc, nb] split of the stored rows.
-    wb = w.reshape(pre, bc, nb, O)
-    xb = x.reshape(M, pre, bc, nb, per)
-    if packed:
-        sg = scale.reshape(pre, n // group, O)  # stored row r (values 2r, 2r + 1) is in group r // (group // 2)
+    if quant == "int8":
+        nb = num_blocks(n, pre * O * itemsize)
+        wb = w.reshape(pre, n // nb, nb, O)  # row c = i * nb + j is wb[:, i, j]
+        xb = x.reshape(M, pre, n // nb, nb)
 
-    def block(j, acc):
-        xj = jax.lax.dynamic_index_in_dim(xb, j, axis=3, keepdims=False)  # [M, pre, bc, per]
-        wj = jax.lax.dynamic_index_in_dim(wb, j, axis=2, keepdims=False)  # [pre, bc, O]
-        if packed:
-            sj = jnp.take(sg, (jnp.arange(bc) * nb + j) // (group // 2), axis=1)  # [pre, bc, O]
-            wf = unpack_int4(wj).astype(jnp.float32) * sj[:, :, None, :].astype(jnp.float32)  # [pre, bc, 2, O]
-            wf = wf.astype(x.dtype)
-        else:
-            wf = wj.astype(x.dtype)[:, :, None, :]  # [pre, bc, 1, O]
-        return acc + jnp.einsum("MPCE,PCEO->MO", xj, wf, preferred_element_type=jnp.float32)
+        def block(j, acc):
+            xj = jax.lax.dynamic_index_in_dim(xb, j, axis=3, keepdims=False)  # [M, pre, bc]
+            wj = jax.lax.dynamic_index_in_dim(wb, j, axis=2, keepdims=False).astype(x.dtype)  # [pre, bc, O]
+            return acc + jnp.einsum("MPC,PCO->MO", xj, wj, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, nb, block, jnp.zeros((M, O), jnp.float32))
-    if not packed:
+        acc = jax.lax.fori_loop(0, nb, block, jnp.zeros((M, O), jnp.float32))
         acc = acc * scale.reshape(1, O).astype(jnp.float32)
+    else:
+        U = pre * (n // group)  # groups of all contracted entries (pre x groups along Ck); group u = i * nb + j
+        nb = num_blocks(U, group * O * itemsize)
+        wb = w.reshape(U // nb, nb, group // 2, O)  # stored pair r of group u
+        sb = scale.reshape(U // nb, nb, O)
+        xb = x.reshape(M, U // nb, nb, group // 2, 2)  # entry 2r + e of group u
+
+        def block(j, acc):
+            xj = jax.lax.dynamic_index_in_dim(xb, j, axis=2, keepdims=False)  # [M, Ub, g/2, 2]
+            wj = jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(wb, j, axis=1, keepdims=False), jnp.int8)
+            sj = jax.lax.dynamic_index_in_dim(sb, j, axis=1, keepdims=False)[:, None, :].astype(jnp.float32)
+            for e, nibble in enumerate((jnp.left_shift(wj, 4) >> 4, wj >> 4)):  # entries 2r (low), 2r + 1 (high)
+                wf = (nibble.astype(jnp.float32) * sj).astype(x.dtype)  # [Ub, g/2, O]
+                acc = acc + jnp.einsum("MUC,UCO->MO", xj[..., e], wf, preferred_element_type=jnp.float32)
+            return acc
+
+        acc = jax.lax.fori_loop(0, nb, block, jnp.zeros((M, O), jnp.float32))
     return acc.astype(out_dtype or x.dtype).reshape(*lead, *out_shape)

@@ -1,0 +1,206 @@
+"""GLM-4-0414 (transformers Glm4ForCausalLM, model_type "glm4") and YaRN RoPE scaling: parity with transformers.
+
+A tiny random Glm4ForCausalLM saved by transformers, converted by the real converter, in float32, on prompts of
+320 tokens: logits within 1e-4 and the same 32 greedy ids, for kv heads 1, 2 and = heads. The same with YaRN
+(factor 4 from an original context of 128, so every prompt runs far beyond it), for Glm4ForCausalLM and for the
+GLM-4-9B GlmForCausalLM.
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from helpers_hf import hf_logits, save_hf, tiny_hf_model  # noqa: E402
+
+from glm4_jax import checkpoint  # noqa: E402
+from glm4_jax.config import Config  # noqa: E402
+from glm4_jax.convert.pipeline import convert  # noqa: E402
+from glm4_jax.model import KVCache  # noqa: E402
+
+PROMPT_LEN = 320
+NEW_TOKENS = 32
+ORIGINAL = 128  # the YaRN cases' original context: prompts run to 2.75x beyond it
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
+
+CASES = {
+    # name: (Glm4ForCausalLM?, query heads, kv heads, head dim, attention bias, RoPE parameters)
+    "glm4-mha-h16": (True, 4, 4, 16, True, None),
+    "glm4-gqa2-h32-nobias": (True, 4, 2, 32, False, None),
+    "glm4-gqa8-h16": (True, 8, 1, 16, True, None),
+    "glm4-yarn-gqa3-h32": (True, 6, 2, 32, False, YARN),
+    "glm-yarn-gqa2-h16": (False, 4, 2, 16, True, {**YARN, "beta_fast": 16, "attention_factor": 1.25}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def pair(request, tmp_path_factory):
+    glm4, n, k, h, bias, rope = CASES[request.param]
+    kw = {} if rope is None else {"rope_parameters": rope, "max_position_embeddings": ORIGINAL}
+    hf = tiny_hf_model(
+        seed=5, glm4=glm4, num_attention_heads=n, num_key_value_heads=k, head_dim=h, attention_bias=bias, **kw
+    )
+    root = tmp_path_factory.mktemp(request.param)
+    src = save_hf(hf, root / "hf")
+    saved = json.loads((src / "config.json").read_text())
+    assert saved["model_type"] == ("glm4" if glm4 else "glm")
+    dst = convert(str(src), str(root / "converted"), dtype="float32", progress=False)
+    model = checkpoint.load(dst)
+    cfg = model.cfg
+    assert (cfg.post_norms, cfg.num_kv_heads, cfg.attention_bias, cfg.dtype) == (glm4, k, bias, "float32")
+    assert cfg.rope_type == ("default" if rope is None else "yarn")
+    return hf, model
+
+
+def _prompt(vocab, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, (2, PROMPT_LEN))
+
+
+def test_logits_match_transformers(pair):
+    hf, model = pair
+    tokens = _prompt(model.cfg.vocab_size)
+    ref = hf_logits(hf, tokens)
+    ours, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(PROMPT_LEN), tokens.shape))
+    ours = np.asarray(ours)
+    diff = np.abs(ours - ref).max()
+    print(f"max |logits - transformers| = {diff:.3g} (logit scale {np.abs(ref).max():.3g})")
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    if model.cfg.rope_type == "yarn":  # and the scaling matters: plain RoPE is far off
+        cfg = model.cfg
+        model.cfg = cfg.replace(rope_type="default")
+        try:
+            plain, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(PROMPT_LEN), tokens.shape))
+        finally:
+            model.cfg = cfg
+        assert np.abs(np.asarray(plain) - ref).max() > 1e-2
+
+
+def test_greedy_ids_match_transformers(pair):
+    import torch
+
+    hf, model = pair
+    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
+    hf.generation_config.eos_token_id = None  # all NEW_TOKENS, as our loop
+    ids = torch.as_tensor(tokens)
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask the prompt's pad ids (2) out
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=model.cfg.pad_token_id,
+        )
+    ref_new = ref[0, PROMPT_LEN:].tolist()
+
+    cache = KVCache.init(model.cfg, batch=1, max_len=PROMPT_LEN + NEW_TOKENS)
+    logits, cache = model(jnp.asarray(tokens), jnp.arange(PROMPT_LEN)[None], cache, logits="last")
+    ours = []
+    for t in range(NEW_TOKENS):
+        nxt = int(jnp.argmax(logits[0, -1]))
+        ours.append(nxt)
+        logits, cache = model(jnp.asarray([[nxt]]), jnp.asarray([[PROMPT_LEN + t]]), cache)
+    assert ours == ref_new
+
+
+def test_post_norms_are_parameters_only_of_glm4():
+    plain = Config.from_dict(json.loads(tiny_hf_model(0).config.to_json_string()))
+    glm4 = Config.from_dict(json.loads(tiny_hf_model(0, glm4=True).config.to_json_string()))
+    extra = set(glm4.param_layout()) - set(plain.param_layout())
+    assert extra == {"layers/post_attn_norm", "layers/post_mlp_norm"}
+    assert glm4.param_layout()["layers/post_mlp_norm"] == ((3, 80), ("layers", "norm"))
+    assert not plain.post_norms and glm4.post_norms
+
+
+# The config.json of GLM-4-32B-0414 as published (recalled, not read from the hub here; see Config.glm_4_32b_0414).
+GLM4_32B_0414 = {
+    "architectures": ["Glm4ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "eos_token_id": [151329, 151336, 151338],
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 6144,
+    "initializer_range": 0.02,
+    "intermediate_size": 23040,
+    "max_position_embeddings": 32768,
+    "model_type": "glm4",
+    "num_attention_heads": 48,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 2,
+    "pad_token_id": 151329,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 151552,
+}
+
+
+def test_a_0414_config_json_gives_its_preset(tmp_path):
+    from glm4_jax.config import preset
+
+    cfg = Config.from_dict(GLM4_32B_0414)
+    assert cfg == preset("glm-4-32b-0414")
+    assert cfg.post_norms and not cfg.attention_bias and cfg.rms_norm_eps == 1e-5 and cfg.max_seq_len == 32768
+    cfg.save(tmp_path / "config.json")
+    assert Config.from_file(tmp_path / "config.json") == cfg
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_yarn_from_the_config_as_thudm_recommends_it(key, tmp_path):
+    """THUDM's recipe (factor 4 from 32K) in the legacy `rope_scaling` or the transformers 5 `rope_parameters`."""
+    import math
+
+    from glm4_jax.config import preset
+
+    rope = {"type" if key == "rope_scaling" else "rope_type": "yarn", "factor": 4.0}
+    if key == "rope_scaling":
+        rope["original_max_position_embeddings"] = 32768
+    cfg = Config.from_dict({**GLM4_32B_0414, key: rope})
+    assert cfg == preset("glm-4-32b-0414").with_yarn(4.0)
+    assert cfg.rope_type == "yarn" and cfg.yarn_original_max_seq_len == 32768 and cfg.max_seq_len == 131072
+    assert cfg.yarn_attention_factor == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    cfg.save(tmp_path / "config.json")
+    assert Config.from_file(tmp_path / "config.json") == cfg
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 8192,
+            "beta_fast": 16,
+            "truncate": False,
+        },
+        {
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 2,
+            "mscale_all_dim": 1,
+        },
+    ],
+)
+def test_yarn_frequencies_and_attention_factor_equal_transformers(rope):
+    """Full-size head (128 dims, 64 rotated): our frequencies and factor against transformers' own YaRN init."""
+    from transformers import Glm4Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from glm4_jax.model import yarn_inv_freq
+
+    hf = Glm4Config(
+        max_position_embeddings=32768, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5, **rope}
+    )
+    ref_freq, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    cfg = Config.from_dict(json.loads(hf.to_json_string()))
+    assert cfg.yarn_attention_factor == pytest.approx(ref_factor, rel=1e-12)
+    np.testing.assert_allclose(yarn_inv_freq(cfg), ref_freq.numpy(), rtol=1e-6, atol=0)

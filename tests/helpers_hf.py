@@ -193,3 +193,30 @@ def write_shards(sd: dict[str, torch.Tensor], directory, shards: int = 1, fmt: s
         total = sum(v.numel() * v.element_size() for v in sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / index_name).write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer_json(rank_file, directory, *, chat_template: str | None = None, jinja_file: bool = False):
+    """A Hugging Face tokenizer directory made from a tiktoken `tokenizer.model` by transformers' own converter
+    (`TikTokenConverter`, GLM-4's split pattern, the 14 special tokens after the ranks): tokenizer.json, and a
+    tokenizer_config.json with the eos token and, when given, the chat template (in chat_template.jinja with
+    `jinja_file`). Returns the directory."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from glm4_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    converter = TikTokenConverter(vocab_file=str(rank_file), pattern=SPLIT_PATTERN, extra_special_tokens=SPECIAL_TOKENS)
+    converter.converted().save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template is not None and jinja_file:
+        (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    elif chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    return directory

@@ -204,3 +204,63 @@ def test_yarn_frequencies_and_attention_factor_equal_transformers(rope):
     cfg = Config.from_dict(json.loads(hf.to_json_string()))
     assert cfg.yarn_attention_factor == pytest.approx(ref_factor, rel=1e-12)
     np.testing.assert_allclose(yarn_inv_freq(cfg), ref_freq.numpy(), rtol=1e-6, atol=0)
+
+
+def test_generate_chat_on_a_converted_tiny_0414_checkpoint(tmp_path):
+    """A tiny Glm4ForCausalLM with a tokenizer.json (and no tokenizer.model) and the GLM-4-0414 chat template,
+    converted by the real converter; `python -m glm4_jax.generate --chat` in a subprocess gives the chat template's
+    prompt (the JsonTokenizer's) and the greedy ids of transformers on that prompt, up to its first stop id."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import REPO
+    from helpers_hf import write_tokenizer_json
+    from test_chat0414 import GLM4_0414_TEMPLATE
+
+    from glm4_jax.api import GLM4Chat
+    from glm4_jax.fixtures import write_synthetic_tokenizer
+    from glm4_jax.tokenizer_json import JsonTokenizer
+
+    # 256 byte ranks + the 14 specials at 256..269 (<|endoftext|> 256, <|user|> 263, <|observation|> 265)
+    rank_file = write_synthetic_tokenizer(tmp_path / "tokenizer.model", n_merges=0)
+    hf = tiny_hf_model(seed=7, glm4=True, eos_token_id=[256, 263, 265], pad_token_id=256)
+    src = save_hf(hf, tmp_path / "hf")
+    write_tokenizer_json(rank_file, src, chat_template=GLM4_0414_TEMPLATE)
+    dst = convert(str(src), str(tmp_path / "converted"), dtype="float32", progress=False)
+    assert (dst / "tokenizer.json").is_file() and not (dst / "tokenizer.model").exists()
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    args = ["--ckpt", str(dst), "--chat", "Hello there", "--system", "Be brief.", "--temperature", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "glm4_jax.generate", *args, "--max-new-tokens", "12", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.splitlines()[-1])
+    print("generated", record["ids"], record["stop_reason"])
+
+    chat = GLM4Chat.from_checkpoint(dst)
+    assert isinstance(chat.tokenizer, JsonTokenizer) and chat.tokenizer.chat_format == "glm-4-0414"
+    ids = chat.encode_chat("Hello there", system="Be brief.")
+    assert chat.tokenizer.render_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ) == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nHello there<|assistant|>")
+    assert record["prompt_tokens"] == len(ids)
+
+    hf.generation_config.eos_token_id = None
+    prompt = torch.as_tensor([ids])
+    with torch.no_grad():
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    ref = ref[0, len(ids) :].tolist()
+    stops = set(chat.chat_stop_ids())
+    assert stops == {256, 263, 265}
+    first_stop = next((i for i, t in enumerate(ref) if t in stops), None)
+    assert record["ids"] == (ref if first_stop is None else ref[: first_stop + 1])
+    body = [t for t in record["ids"] if t not in stops]
+    assert record["text"] == chat.tokenizer.decode(body).removeprefix("\n")

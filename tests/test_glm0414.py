@@ -53,7 +53,7 @@ def pair(request, tmp_path_factory):
     cfg = model.cfg
     assert (cfg.post_norms, cfg.num_kv_heads, cfg.attention_bias, cfg.dtype) == (glm4, k, bias, "float32")
     assert cfg.rope_type == ("default" if rope is None else "yarn")
-    return hf, model
+    return hf, model, dst
 
 
 def _prompt(vocab, seed=0):
@@ -61,7 +61,7 @@ def _prompt(vocab, seed=0):
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
+    hf, model, _ = pair
     tokens = _prompt(model.cfg.vocab_size)
     ref = hf_logits(hf, tokens)
     ours, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(PROMPT_LEN), tokens.shape))
@@ -79,22 +79,22 @@ def test_logits_match_transformers(pair):
         assert np.abs(np.asarray(plain) - ref).max() > 1e-2
 
 
-def test_greedy_ids_match_transformers(pair):
+def _hf_greedy(hf, tokens, pad_id):
     import torch
 
-    hf, model = pair
-    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
-    hf.generation_config.eos_token_id = None  # all NEW_TOKENS, as our loop
+    hf.generation_config.eos_token_id = None  # all NEW_TOKENS, as our loops
     ids = torch.as_tensor(tokens)
     with torch.no_grad():  # an explicit mask: generate would otherwise mask the prompt's pad ids (2) out
         ref = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=model.cfg.pad_token_id,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad_id
         )
-    ref_new = ref[0, PROMPT_LEN:].tolist()
+    return ref[0, PROMPT_LEN:].tolist()
+
+
+def test_greedy_ids_match_transformers(pair):
+    hf, model, _ = pair
+    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
+    ref_new = _hf_greedy(hf, tokens, model.cfg.pad_token_id)
 
     cache = KVCache.init(model.cfg, batch=1, max_len=PROMPT_LEN + NEW_TOKENS)
     logits, cache = model(jnp.asarray(tokens), jnp.arange(PROMPT_LEN)[None], cache, logits="last")
@@ -104,6 +104,25 @@ def test_greedy_ids_match_transformers(pair):
         ours.append(nxt)
         logits, cache = model(jnp.asarray([[nxt]]), jnp.asarray([[PROMPT_LEN + t]]), cache)
     assert ours == ref_new
+
+
+@pytest.mark.parametrize("pair", ["glm4-gqa2-h32-nobias", "glm4-yarn-gqa3-h32"], indirect=True)
+def test_greedy_ids_on_a_mesh_match_transformers(pair):
+    """The checkpoint loaded onto sequence=4 x tensor=2 (ring prefill, sequence-sharded cache) through the
+    Generator that `generate` uses, for the GLM-4-0414 cases with and without YaRN."""
+    from glm4_jax.engine import Generator
+    from glm4_jax.sampling import SamplingParams
+    from glm4_jax.sharding import make_mesh
+
+    hf, model, dst = pair
+    tokens = _prompt(model.cfg.vocab_size, seed=1)[:1]
+    mesh = make_mesh("sequence=4,tensor=2")
+    sharded = checkpoint.load(dst, mesh=mesh)
+    gen = Generator(sharded, mesh=mesh, prefill_chunk=128)
+    result = gen.generate(
+        [tokens[0].tolist()], max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0.0), stop_ids=()
+    )
+    assert result.ids[0] == _hf_greedy(hf, tokens, model.cfg.pad_token_id)
 
 
 def test_post_norms_are_parameters_only_of_glm4():

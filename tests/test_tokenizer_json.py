@@ -127,3 +127,22 @@ def test_chat_format_is_recognized_from_the_template():
     assert chat_format_of("[gMASK]<sop>{{ content.split('</think>')[-1] }}") == "glm-z1-0414"
     assert chat_format_of("<|system|>\n你是一个名为 ChatGLM 的人工智能助手。") == "glm-4-9b"
     assert chat_format_of("[gMASK]<sop>{%- if tools -%}<|system|>\n# 可用工具") == "glm-4-0414"
+
+
+def test_a_glm_4_9b_tokenizer_json_keeps_the_glm_4_9b_chat_layout(glm4_tokenizer_dir, tmp_path):
+    """A tokenizer.json checkpoint whose template is GLM-4-9B-chat's (shipped tokenizer_config.json): the same chat
+    ids as the tiktoken tokenizer's GLM-4-9B layout."""
+    import json
+
+    template = json.loads((glm4_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    hf_dir = write_tokenizer_json(glm4_tokenizer_dir / "tokenizer.model", tmp_path / "hf", chat_template=template)
+    js, ours = JsonTokenizer.from_dir(hf_dir), Tokenizer.from_file(glm4_tokenizer_dir / "tokenizer.model")
+    assert js.chat_format == "glm-4-9b"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "北京天气怎么样？"},
+        {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
+        {"role": "observation", "content": "晴, 23°C"},
+    ]
+    assert js.apply_chat_template(messages, tools=tools) == ours.apply_chat_template(messages, tools=tools)

@@ -1,5 +1,6 @@
-"""Checkpoint conversion: `python -m glm4_jax.convert SRC DST` turns a GLM-4-9B PyTorch checkpoint (THUDM or
-transformers layout; safetensors or .bin) into a glm4-jax checkpoint (Orbax arrays, config, manifest, tokenizer).
+"""Checkpoint conversion: `python -m glm4_jax.convert SRC DST` turns a GLM-4-9B or GLM-4-0414 PyTorch
+checkpoint (THUDM, transformers GlmForCausalLM or Glm4ForCausalLM layout; safetensors or .bin) into a glm4-jax
+checkpoint (Orbax arrays, config, manifest, tokenizer).
 
     from glm4_jax.convert import convert
     convert("THUDM/glm-4-9b-chat", "ckpt/glm-4-9b-chat", dtype="bfloat16")

@@ -10,12 +10,13 @@ import sys
 from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, QUANT_SCHEMES
 
 DESCRIPTION = """\
-Convert a GLM-4-9B checkpoint to a glm4-jax checkpoint (Orbax arrays + config + manifest + tokenizer), which
-`glm4_jax.load(DST)` and `python -m glm4_jax.generate --ckpt DST` read with nothing else.
+Convert a GLM-4-9B or GLM-4-0414 checkpoint to a glm4-jax checkpoint (Orbax arrays + config + manifest +
+tokenizer), which `glm4_jax.load(DST)` and `python -m glm4_jax.generate --ckpt DST` read with nothing else.
 
-SRC is a local checkpoint directory in either layout: the original THUDM one (model_type "chatglm") or the
-transformers GlmForCausalLM one (model_type "glm"); safetensors (one file, or shards with
-model.safetensors.index.json) or legacy pytorch_model*.bin shards (needs torch; read with weights_only=True).
+SRC is a local checkpoint directory in one of three layouts: the original THUDM one (model_type "chatglm"), the
+transformers GlmForCausalLM one (model_type "glm"), or GLM-4-0414's Glm4ForCausalLM (model_type "glm4");
+safetensors (one file, or shards with model.safetensors.index.json) or legacy pytorch_model*.bin shards (needs
+torch; read with weights_only=True).
 SRC may also be a Hugging Face hub repo id (org/name) when huggingface_hub is installed.
 
 DST is written to a temporary sibling and renamed at the end; on any error or Ctrl-C nothing is left behind.

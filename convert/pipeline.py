@@ -19,7 +19,8 @@ from glm4_jax.quant import quantized_sources
 from .readers import ConvertError, TensorInfo, bin_to_safetensors, find_files, read_header, readahead, sha256
 from .table import LAYOUTS, map_tensors
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+# tiktoken (GLM-4-9B) or tokenizers (GLM-4-0414) files, and the chat template when shipped apart.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 DISK_SLACK = 16 << 20  # config, manifest, Orbax metadata
 
 
@@ -42,7 +43,7 @@ def resolve_source(src: str, revision: str | None = None) -> pathlib.Path:
             weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
             return pathlib.Path(
                 huggingface_hub.snapshot_download(
-                    src, revision=revision, allow_patterns=["*.json", "tokenizer.model", *weights]
+                    src, revision=revision, allow_patterns=["*.json", "*.jinja", "tokenizer.model", *weights]
                 )
             )
         except Exception as e:

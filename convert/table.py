@@ -1,4 +1,5 @@
-"""The name table: every source tensor of both GLM-4 layouts, where it goes in our tree and how.
+"""The name table: every source tensor of the GLM-4 layouts (THUDM, transformers GLM-4-9B, GLM-4-0414), where it
+goes in our tree and how.
 
 One row per source tensor name (`{i}` is the layer index): the source shape the config implies, and one or more
 outputs `(destination, transform)`. Fused tensors have several outputs: the THUDM `query_key_value` is
@@ -252,7 +253,22 @@ def hf_rules(d: Dims, bias: bool) -> list[Rule]:
     ]
 
 
-LAYOUTS = {"chatglm": ("THUDM", thudm_rules), "glm": ("transformers", hf_rules)}
+def glm4_rules(d: Dims, bias: bool) -> list[Rule]:
+    """The GLM-4-0414 layout (model_type "glm4", Glm4ForCausalLM): the transformers layout plus the RMSNorms on
+    the attention and MLP outputs."""
+    m = "model.layers.{i}."
+    return [
+        *hf_rules(d, bias),
+        Rule(m + "post_self_attn_layernorm.weight", (d.D,), (("layers/post_attn_norm", Same()),)),
+        Rule(m + "post_mlp_layernorm.weight", (d.D,), (("layers/post_mlp_norm", Same()),)),
+    ]
+
+
+LAYOUTS = {
+    "chatglm": ("THUDM", thudm_rules),
+    "glm": ("transformers", hf_rules),
+    "glm4": ("transformers Glm4ForCausalLM", glm4_rules),
+}
 
 
 # ---- the mapping ----------------------------------------------------------------------------------------------------

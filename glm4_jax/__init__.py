@@ -1,4 +1,4 @@
-"""glm4-jax: GLM-4-9B in JAX and Flax NNX.
+"""glm4-jax: GLM-4-9B and GLM-4-0414 in JAX and Flax NNX.
 
     import glm4_jax
     chat = glm4_jax.GLM4Chat.from_checkpoint("out/glm-4-9b-chat", mesh="tensor=8")

@@ -38,19 +38,25 @@ from glm4_jax.sampling import CHAT_DEFAULTS, SamplingParams
 Messages = str | Sequence[Mapping[str, Any]]
 
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The `Tokenizer` of the checkpoint directory `path` (its tokenizer.model), or None when it has none.
+    """The tokenizer of the checkpoint directory `path`, or None when it has none: a `Tokenizer` of its
+    tokenizer.model (GLM-4-9B), else a `JsonTokenizer` of its tokenizer.json (GLM-4-0414).
 
     Raises OSError or `glm4_jax.tokenizer.TokenizerError` for a file that cannot be read.
     """
     tok_path = os.path.join(path, TOKENIZER_FILE)
-    if not os.path.isfile(tok_path):
-        return None
-    from glm4_jax.tokenizer import Tokenizer
+    if os.path.isfile(tok_path):
+        from glm4_jax.tokenizer import Tokenizer
 
-    return Tokenizer.from_file(tok_path)
+        return Tokenizer.from_file(tok_path)
+    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
+        from glm4_jax.tokenizer_json import JsonTokenizer
+
+        return JsonTokenizer.from_dir(path)
+    return None
 
 
 def _sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> SamplingParams:
@@ -96,7 +102,7 @@ class GLM4Chat:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         kv_cache: str | None = None,
     ) -> GLM4Chat:
-        """Loads a converted checkpoint (and its tokenizer.model, when it has one).
+        """Loads a converted checkpoint (and its tokenizer.model or tokenizer.json, when it has one).
 
         Args:
           path: a directory written by `python -m glm4_jax.convert`.

@@ -5,7 +5,12 @@ One frozen (hashable) dataclass, built from either `config.json` layout a GLM-4 
 * the original THUDM layout (`model_type` "chatglm": num_layers, ffn_hidden_size, kv_channels,
   multi_query_group_num, padded_vocab_size, seq_length, rope_ratio, ...);
 * the transformers layout (`model_type` "glm", `GlmForCausalLM`), with the RoPE settings either at the top
-  level (`rope_theta`, `partial_rotary_factor`) or nested in `rope_parameters`.
+  level (`rope_theta`, `partial_rotary_factor`) or nested in `rope_parameters` (or the older `rope_scaling`);
+* the GLM-4-0414 layout (`model_type` "glm4", `Glm4ForCausalLM`: GLM-4-9B-0414, GLM-Z1-9B-0414, GLM-4-32B-0414),
+  the transformers layout plus two RMSNorms per layer (`post_norms`).
+
+RoPE scaling: plain RoPE or YaRN (`rope_type` "yarn", as transformers' `_compute_yarn_parameters`), read from
+`rope_parameters` / `rope_scaling` of either transformers layout.
 
 Because it is hashable, a Config can be a static argument of `jax.jit`.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -24,6 +30,7 @@ OBSERVATION_ID = 151338
 CHAT_STOP_IDS = (ENDOFTEXT_ID, USER_ID, OBSERVATION_ID)
 
 DTYPES = ("bfloat16", "float32", "float16")
+ROPE_TYPES = ("default", "yarn")
 
 # Weight quantization (glm4_jax/quant.py): int8 symmetric per output channel; int4 symmetric in groups of
 # `group_size` along the input dimension, two values per byte.
@@ -89,6 +96,18 @@ class Config:
     dtype: str = "bfloat16"  # parameters and activations; norms, RoPE and softmax always run in float32
     quant: str | None = None  # None, or the weight quantization of QUANTIZED's matrices: "int8" or "int4"
     group_size: int = DEFAULT_GROUP_SIZE  # int4: values per scale along the input dimension
+    # GLM-4-0414 (Glm4ForCausalLM): an RMSNorm on the attention output and one on the MLP output, each applied
+    # before its residual add (`post_self_attn_layernorm`, `post_mlp_layernorm`).
+    post_norms: bool = False
+    # RoPE scaling: "default" (none) or "yarn". The yarn_* fields are those of transformers' rope_parameters, with
+    # its defaults; yarn_attention_factor is resolved when the config is read (it scales cos and sin).
+    rope_type: str = "default"
+    yarn_factor: float = 1.0
+    yarn_original_max_seq_len: int = 0  # the pre-training context the correction range is computed from
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_attention_factor: float = 1.0
+    yarn_truncate: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -104,6 +123,10 @@ class Config:
             raise ConfigError(f"quantization must be one of {', '.join(QUANT_SCHEMES)}, got {self.quant!r}")
         if self.quant == "int4":
             self._check_groups()
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_type == "yarn" and (self.yarn_factor <= 0 or self.yarn_original_max_seq_len <= 0):
+            raise ConfigError("YaRN needs a factor > 0 and an original context > 0")
         for name, ids in (("pad_token_id", (self.pad_token_id,)), ("eos_token_ids", self.eos_token_ids)):
             if not all(0 <= i < self.vocab_size for i in ids):
                 raise ConfigError(f"{name} {ids} must lie in the vocabulary [0, {self.vocab_size})")
@@ -141,10 +164,18 @@ class Config:
             layout["layers/v_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
         layout |= {
             "layers/o": ((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+        }
+        if self.post_norms:
+            layout["layers/post_attn_norm"] = ((L, D), ("layers", "norm"))
+        layout |= {
             "layers/mlp_norm": ((L, D), ("layers", "norm")),
             "layers/gate": ((L, D, F), ("layers", "embed", "ffn")),
             "layers/up": ((L, D, F), ("layers", "embed", "ffn")),
             "layers/down": ((L, F, D), ("layers", "ffn", "embed")),
+        }
+        if self.post_norms:
+            layout["layers/post_mlp_norm"] = ((L, D), ("layers", "norm"))
+        layout |= {
             "final_norm": ((D,), ("norm",)),
             "lm_head": ((D, V), ("embed", "vocab")),
         }
@@ -233,12 +264,14 @@ class Config:
             return _from_chatglm(d)
         if kind == "glm":
             return _from_hf_glm(d)
-        if kind in ("glm4", "glm4_moe") or "Glm4ForCausalLM" in d.get("architectures", []):
+        if kind == "glm4":
+            return _from_hf_glm(d, post_norms=True)
+        if kind is not None and kind.startswith("glm4"):
             raise ConfigError(
-                f"model_type {kind!r} (GLM-4-0414 / Glm4ForCausalLM, with two extra norms per layer) is not "
-                "supported; glm4-jax runs GLM-4-9B (model_type 'chatglm' or 'glm')"
+                f"model_type {kind!r} is not supported; glm4-jax runs GLM-4-9B (model_type 'chatglm' or 'glm') and "
+                "GLM-4-0414 (model_type 'glm4', Glm4ForCausalLM)"
             )
-        raise ConfigError(f"unknown model_type {kind!r}: expected 'chatglm' (THUDM) or 'glm' (transformers)")
+        raise ConfigError(f"unknown model_type {kind!r}: expected 'chatglm' (THUDM), 'glm' or 'glm4' (transformers)")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Config:
@@ -275,11 +308,56 @@ class Config:
         # 4 kv heads and rope_ratio 10000 as published for the 1M model (not read from its config.json here).
         return cls(num_kv_heads=4, max_seq_len=1048576, rope_theta=1e8)
 
+    # The GLM-4-0414 family (Glm4ForCausalLM), from the values of the published config.json files as recalled here:
+    # they were not read from the files on this machine (no hub access). Shared by the three: vocab 151552, head dim
+    # 128, 2 kv heads, rope_theta 10000, partial_rotary_factor 0.5, rms_norm_eps 1e-5, context 32768, eos
+    # [151329, 151336, 151338]. Unverified values are marked. A converted checkpoint uses its own config.json.
+
+    @classmethod
+    def glm_4_9b_0414(cls) -> Config:
+        # attention_bias: true as recalled for the 9B-0414 (third-party copies disagree: unverified).
+        return cls(rms_norm_eps=1e-5, rope_theta=10000.0, max_seq_len=32768, attention_bias=True, post_norms=True)
+
+    @classmethod
+    def glm_z1_9b_0414(cls) -> Config:
+        # The reasoning model: the same shapes as GLM-4-9B-0414 (attention_bias unverified likewise).
+        return cls.glm_4_9b_0414()
+
+    @classmethod
+    def glm_4_32b_0414(cls) -> Config:
+        # hidden 6144, ffn 23040, 61 layers, 48 query heads, no attention bias (about 32.6B parameters).
+        return cls(
+            hidden_size=6144,
+            intermediate_size=23040,
+            num_layers=61,
+            num_heads=48,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            max_seq_len=32768,
+            attention_bias=False,
+            post_norms=True,
+        )
+
+    def with_yarn(self, factor: float = 4.0, original_max_seq_len: int | None = None) -> Config:
+        """This config with YaRN scaling (transformers' defaults for the other settings): the context grows to
+        `factor` x the original (THUDM recommends factor 4 from 32K for the 0414 models beyond 32K tokens)."""
+        original = original_max_seq_len or self.max_seq_len
+        return self.replace(
+            rope_type="yarn",
+            yarn_factor=float(factor),
+            yarn_original_max_seq_len=int(original),
+            yarn_attention_factor=_yarn_mscale(factor),
+            max_seq_len=max(self.max_seq_len, int(original * factor)),
+        )
+
 
 PRESETS = {
     "glm-4-9b": Config.glm_4_9b,
     "glm-4-9b-chat": Config.glm_4_9b_chat,
     "glm-4-9b-chat-1m": Config.glm_4_9b_chat_1m,
+    "glm-4-9b-0414": Config.glm_4_9b_0414,
+    "glm-z1-9b-0414": Config.glm_z1_9b_0414,
+    "glm-4-32b-0414": Config.glm_4_32b_0414,
 }
 
 
@@ -330,16 +408,57 @@ def _from_chatglm(d: dict[str, Any]) -> Config:
     )
 
 
-def _from_hf_glm(d: dict[str, Any]) -> Config:
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """transformers' `get_mscale`: 0.1 * mscale * ln(scale) + 1, or 1 for scale <= 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_fields(d: dict[str, Any], rope: dict[str, Any], max_pos: int) -> dict[str, Any]:
+    """The RoPE scaling fields of a transformers config, resolved as transformers 5 resolves them
+    (`standardize_rope_params`, `_compute_yarn_parameters`)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type != "yarn":
+        raise ConfigError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE and 'yarn')")
+    if "factor" not in rope:
+        raise ConfigError("RoPE scaling 'yarn' needs a 'factor'")
+    # A top-level original_max_position_embeddings wins over the one in the RoPE dict; the context otherwise.
+    original = int(d.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos)
+    factor = rope["factor"]
+    factor = float(max_pos / original if factor is None else factor)
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return {
+        "rope_type": "yarn",
+        "yarn_factor": factor,
+        "yarn_original_max_seq_len": original,
+        "yarn_beta_fast": float(rope.get("beta_fast") or 32),  # `or`: transformers reads 0 / None as the default
+        "yarn_beta_slow": float(rope.get("beta_slow") or 1),
+        "yarn_attention_factor": float(attention_factor),
+        "yarn_truncate": bool(rope.get("truncate", True)),
+        # The context YaRN opens up: factor x the original, or max_position_embeddings when that is larger.
+        "max_seq_len": max(max_pos, int(original * factor)),
+    }
+
+
+def _from_hf_glm(d: dict[str, Any], post_norms: bool = False) -> Config:
+    """model_type "glm" (GlmForCausalLM) or, with `post_norms`, "glm4" (Glm4ForCausalLM); a value missing from
+    the file takes the default of transformers' GlmConfig / Glm4Config where that differs from ours."""
     if d.get("tie_word_embeddings", False):
         raise ConfigError("tied word embeddings are not supported (GLM-4 has an untied output layer)")
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"hidden_act {act!r} is not GLM-4's 'silu'")
-    rope = d.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default" or d.get("rope_scaling"):
-        raise ConfigError(f"RoPE scaling {rope_type!r} is not supported; GLM-4-9B uses plain RoPE")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError("rope_parameters must be one dict (per-layer-type RoPE is not GLM-4)")
+    max_pos = int(d.get("max_position_embeddings", 131072))
     hidden = int(_require(d, "hidden_size"))
     heads = int(_require(d, "num_attention_heads"))
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
@@ -354,9 +473,10 @@ def _from_hf_glm(d: dict[str, Any]) -> Config:
         head_dim=int(d.get("head_dim") or hidden // heads),
         rope_theta=float(theta),
         partial_rotary_factor=float(factor),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        max_seq_len=int(d.get("max_position_embeddings", 131072)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1.5625e-07 if post_norms else 1e-5)),
+        max_seq_len=max_pos,
         attention_bias=bool(d.get("attention_bias", True)),
         eos_token_ids=_eos(d),
         pad_token_id=int(d.get("pad_token_id") if d.get("pad_token_id") is not None else ENDOFTEXT_ID),
-    )
+        post_norms=post_norms,
+    ).replace(**_rope_fields(d, rope, max_pos))

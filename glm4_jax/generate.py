@@ -246,7 +246,7 @@ def _load_tokenizer(ckpt: str):
     try:
         return load_tokenizer(ckpt)
     except (OSError, TokenizerError) as e:
-        raise UsageError(f"--ckpt {ckpt}: cannot read tokenizer.model: {e}") from None
+        raise UsageError(f"--ckpt {ckpt}: cannot read its tokenizer: {e}") from None
 
 
 def _load_model(args, mesh):
@@ -384,8 +384,8 @@ def _main(args) -> int:
     if tok is None and prompt_ids is None:
         flag = "--prompt" if args.prompt is not None else "--chat" if args.chat is not None else "interactive chat"
         raise UsageError(
-            f"{flag} needs a tokenizer, but {args.ckpt} has no tokenizer.model (use --prompt-ids, or convert from a "
-            "directory that has tokenizer.model)"
+            f"{flag} needs a tokenizer, but {args.ckpt} has no tokenizer.model or tokenizer.json (use --prompt-ids, "
+            "or convert from a directory that has one)"
         )
     if prompt_ids is not None:
         bad = [i for i in prompt_ids if i >= cfg.vocab_size]

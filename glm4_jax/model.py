@@ -22,6 +22,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from glm4_jax import attention, kernels, qmatmul
@@ -69,10 +70,14 @@ class Layers(nnx.Module):
             self.k_bias = p("k_bias")  # [L, K, H]
             self.v_bias = p("v_bias")  # [L, K, H]
         self.o = p("o")  # [L, N, H, D]
+        if cfg.post_norms:  # GLM-4-0414: RMSNorm on the attention output, before the residual add
+            self.post_attn_norm = p("post_attn_norm", "ones")
         self.mlp_norm = p("mlp_norm", "ones")
         self.gate = p("gate")  # [L, D, F]
         self.up = p("up")  # [L, D, F]
         self.down = p("down")  # [L, F, D]
+        if cfg.post_norms:  # and on the MLP output
+            self.post_mlp_norm = p("post_mlp_norm", "ones")
         # With cfg.quant, the matrices above are stored quantized (int8, or uint8 int4 pairs; Config.stored_layout)
         # and each has its scales.
         if cfg.quant:
@@ -126,11 +131,41 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def yarn_inv_freq(cfg: Config) -> np.ndarray:
+    """YaRN's frequencies [rotary_dim // 2] (float32), step for step as transformers' `_compute_yarn_parameters`:
+    the frequencies that turn fewer than beta_slow times over the original context are interpolated (divided by
+    the factor), those that turn more than beta_fast times are kept, with a linear ramp between."""
+    dim, base, original = cfg.rotary_dim, cfg.rope_theta, cfg.yarn_original_max_seq_len
+
+    def correction_dim(rotations):  # the dim index whose wavelength turns `rotations` times over the context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.yarn_beta_fast), correction_dim(cfg.yarn_beta_slow)
+    if cfg.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation = (1 - ramp).astype(np.float32)  # 1: keep the frequency, 0: interpolate it
+    pos_freqs = (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+    inv_extrapolation = np.float32(1.0) / pos_freqs
+    inv_interpolation = np.float32(1.0) / (np.float32(cfg.yarn_factor) * pos_freqs)
+    return (inv_interpolation * (1 - extrapolation) + inv_extrapolation * extrapolation).astype(np.float32)
+
+
 def rope_tables(positions: Array, cfg: Config) -> tuple[Array, Array]:
-    """cos and sin, [B, T, rotary_dim // 2] in float32, for positions [B, T]."""
+    """cos and sin, [B, T, rotary_dim // 2] in float32, for positions [B, T]. With YaRN, its frequencies, and
+    cos and sin scaled by its attention factor (so q.k by its square), as transformers does."""
     half = cfg.rotary_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / cfg.rotary_dim))
+    if cfg.rope_type == "yarn":
+        inv_freq = jnp.asarray(yarn_inv_freq(cfg))
+    else:
+        inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / cfg.rotary_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    if cfg.rope_type == "yarn":
+        scale = jnp.float32(cfg.yarn_attention_factor)
+        return jnp.cos(angles) * scale, jnp.sin(angles) * scale
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -228,9 +263,10 @@ def linear(cfg: Config, spec: str, x: Array, p: dict, name: str, out_dtype=None)
 
 
 def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv):
-    """One pre-norm decoder layer. With `kv` = (cache arrays, layer index, first slot, slot positions), the new keys
-    and values are written into the cache in place and attention runs over all its slots. The cache arrays are
-    (k, v), or (k, v, k_scale, v_scale) for an int8 cache, whose layer is dequantized for attention."""
+    """One pre-norm decoder layer (GLM-4-0414: the attention and MLP outputs normed again before each residual
+    add). With `kv` = (cache arrays, layer index, first slot, slot positions), the new keys and values are written
+    into the cache in place and attention runs over all its slots. The cache arrays are (k, v), or
+    (k, v, k_scale, v_scale) for an int8 cache, whose layer is dequantized for attention."""
     with jax.named_scope("attention"):
         x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
         q = linear(cfg, "BTD,DNH->BTNH", x, p, "q")
@@ -263,12 +299,18 @@ def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, 
                 values = kernels.dequantize_kv(cv, cvs, i, q.dtype)
                 attn = attention.attend(q, keys, values, positions, k_pos, impl=impl)
                 new_kv = (ck, cv, cks, cvs)
-        h = h + linear(cfg, "BTNH,NHD->BTD", attn, p, "o")
+        out = linear(cfg, "BTNH,NHD->BTD", attn, p, "o")
+        if cfg.post_norms:
+            out = rms_norm(out, p["post_attn_norm"], cfg.rms_norm_eps)
+        h = h + out
     with jax.named_scope("mlp"):
         x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
         gate = linear(cfg, "BTD,DF->BTF", x, p, "gate")
         up = linear(cfg, "BTD,DF->BTF", x, p, "up")
-        h = h + linear(cfg, "BTF,FD->BTD", jax.nn.silu(gate) * up, p, "down")
+        out = linear(cfg, "BTF,FD->BTD", jax.nn.silu(gate) * up, p, "down")
+        if cfg.post_norms:
+            out = rms_norm(out, p["post_mlp_norm"], cfg.rms_norm_eps)
+        h = h + out
     return h, new_kv
 
 

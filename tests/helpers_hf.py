@@ -1,6 +1,7 @@
 """Tiny random GLM-4 models in transformers, and their weights written in every layout the converter reads.
 
     model = tiny_hf_model(seed=0)                       # GlmForCausalLM, float32, every weight random
+    model = tiny_hf_model(seed=0, glm4=True)            # Glm4ForCausalLM (GLM-4-0414: two more norms a layer)
     save_hf(model, tmp / "hf")                          # transformers layout (save_pretrained)
     save_hf(model, tmp / "hf-sharded", max_shard_size="60KB")   # several shards + model.safetensors.index.json
     save_thudm(model, tmp / "thudm", shards=3)          # original THUDM layout (fused QKV, transformer.* names)
@@ -20,7 +21,7 @@ import pathlib
 
 import numpy as np
 import torch
-from transformers import GlmConfig, GlmForCausalLM
+from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
 # No square matrix anywhere (hidden 80, q width 4*16 = 64, kv width 2*16 = 32, ffn 112, vocab 300), so a
 # missing or extra transpose cannot go unnoticed.
@@ -44,16 +45,25 @@ TINY = dict(
 )
 
 
-def tiny_hf_config(**overrides) -> GlmConfig:
-    """A GlmConfig with the TINY sizes; keyword arguments override them (e.g. num_key_value_heads=1)."""
-    return GlmConfig(**{**TINY, **overrides})
+def tiny_hf_config(glm4: bool = False, **overrides) -> GlmConfig:
+    """A GlmConfig (a Glm4Config with `glm4`) with the TINY sizes; keyword arguments override them (e.g.
+    num_key_value_heads=1, or rope_parameters={...} for YaRN)."""
+    kw = {**TINY, **overrides}
+    if "rope_parameters" in kw:  # the RoPE settings all in one place, as transformers 5 writes them
+        kw["rope_parameters"] = {
+            "rope_theta": kw.pop("rope_theta"),
+            "partial_rotary_factor": kw.pop("partial_rotary_factor"),
+            **kw["rope_parameters"],
+        }
+    return (Glm4Config if glm4 else GlmConfig)(**kw)
 
 
-def tiny_hf_model(seed: int = 0, **overrides) -> GlmForCausalLM:
-    """A float32 GlmForCausalLM in eval mode whose every parameter is random: weights N(0, 0.05) (larger than the
-    usual init so the layers matter), biases N(0, 0.1), norm weights 1 + N(0, 0.1)."""
+def tiny_hf_model(seed: int = 0, glm4: bool = False, **overrides) -> GlmForCausalLM:
+    """A float32 GlmForCausalLM (Glm4ForCausalLM with `glm4`) in eval mode whose every parameter is random: weights
+    N(0, 0.05) (larger than the usual init so the layers matter), biases N(0, 0.1), norm weights 1 + N(0, 0.1)."""
     torch.manual_seed(seed)
-    model = GlmForCausalLM(tiny_hf_config(**overrides)).float().eval()
+    model_class = Glm4ForCausalLM if glm4 else GlmForCausalLM
+    model = model_class(tiny_hf_config(glm4, **overrides)).float().eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -183,3 +193,30 @@ def write_shards(sd: dict[str, torch.Tensor], directory, shards: int = 1, fmt: s
         total = sum(v.numel() * v.element_size() for v in sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / index_name).write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer_json(rank_file, directory, *, chat_template: str | None = None, jinja_file: bool = False):
+    """A Hugging Face tokenizer directory made from a tiktoken `tokenizer.model` by transformers' own converter
+    (`TikTokenConverter`, GLM-4's split pattern, the 14 special tokens after the ranks): tokenizer.json, and a
+    tokenizer_config.json with the eos token and, when given, the chat template (in chat_template.jinja with
+    `jinja_file`). Returns the directory."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from glm4_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    converter = TikTokenConverter(vocab_file=str(rank_file), pattern=SPLIT_PATTERN, extra_special_tokens=SPECIAL_TOKENS)
+    converter.converted().save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template is not None and jinja_file:
+        (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    elif chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    return directory

@@ -394,11 +394,11 @@ def test_config_disagrees_with_shapes(thudm_src, tmp_path, capsys):
     assert not (tmp_path / "dst").exists()
 
 
-def test_glm4_0414_refused(thudm_src, tmp_path, capsys):
+def test_glm4_moe_refused(thudm_src, tmp_path, capsys):
     (thudm_src / "config.json").write_text(
-        json.dumps({"model_type": "glm4", "architectures": ["Glm4ForCausalLM"], "hidden_size": 80})
+        json.dumps({"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": 80})
     )
-    fails(capsys, thudm_src, tmp_path / "dst", needles=["Glm4ForCausalLM", "not supported"])
+    fails(capsys, thudm_src, tmp_path / "dst", needles=["glm4_moe", "not supported"])
 
 
 def test_unmapped_and_missing_tensors(hf_model, tmp_path, capsys):

@@ -177,7 +177,8 @@ def test_rope_ratio_and_kv_heads_come_from_the_config():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"model_type": "glm4", "architectures": ["Glm4ForCausalLM"]}, "not supported"),
+        ({"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"]}, "not supported"),
+        ({**HF_NEW, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"model_type": "llama"}, "unknown model_type"),
         ({**CHATGLM, "tie_word_embeddings": True}, "tied"),
         ({k: v for k, v in CHATGLM.items() if k != "num_layers"}, "num_layers"),

@@ -32,24 +32,10 @@ from glm4_jax.engine import (
     Generator,
 )
 from glm4_jax.model import GLM4
-from glm4_jax.sampling import CHAT_DEFAULTS, SamplingParams
+from glm4_jax.options import CHAT_DEFAULTS, SamplingParams
+from glm4_jax.tokenizer import TOKENIZER_FILE, load_tokenizer  # noqa: F401  (re-exported)
 
 Messages = str | Sequence[Mapping[str, Any]]
-
-TOKENIZER_FILE = "tokenizer.model"
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The `Tokenizer` of the checkpoint directory `path` (its tokenizer.model), or None when it has none.
-
-    Raises OSError or `glm4_jax.tokenizer.TokenizerError` for a file that cannot be read.
-    """
-    tok_path = os.path.join(path, TOKENIZER_FILE)
-    if not os.path.isfile(tok_path):
-        return None
-    from glm4_jax.tokenizer import Tokenizer
-
-    return Tokenizer.from_file(tok_path)
 
 
 def _sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> SamplingParams:

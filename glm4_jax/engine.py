@@ -272,8 +272,9 @@ class Generator:
         self._keys: set = set()  # what this Generator compiled
         self._compile_s = 0.0
         # For progress displays (the generate CLI's status lines): called as on_status("compile", name, static)
-        # before a function compiles, on_status("prefill", tokens_done, tokens_total) before each prefill chunk and
-        # once at the end, and on_status("decode", max_new_tokens) when the decode starts.
+        # before a function compiles and on_status("compiled", name, static) after it, on_status("prefill",
+        # tokens_done, tokens_total) before each prefill chunk and once at the end, and on_status("decode",
+        # max_new_tokens) when the decode starts.
         self.on_status: Callable[..., None] | None = None
 
     def _status(self, *event) -> None:
@@ -306,6 +307,7 @@ class Generator:
             with self._mesh_context():
                 compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self._compile_s += time.perf_counter() - t
+            self._status("compiled", name, static)
             _COMPILED[key] = compiled
             self._keys.add(key)
         return compiled

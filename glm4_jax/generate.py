@@ -308,7 +308,7 @@ class _Out:
 
 # What each compiled function of the engine is, for the status lines (glm4_jax.engine.Generator._compiled).
 _COMPILED_WHAT = {
-    "prefill": "the prefill ({}-token chunks)",
+    "prefill": "the prefill of a {}-token chunk",
     "start": "the first-token sampler",
     "step": "the decode step",
     "loop": "the decode loop",
@@ -328,8 +328,11 @@ class _Status:
         self._bar = None
 
     def line(self, text: str) -> None:
-        if self.enabled:
-            self._close_bar()
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)  # above the bar, which stays
+        else:
             print(text, file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
@@ -364,16 +367,22 @@ class _Status:
 
 
 class _Interrupts:
-    """Ctrl-C and SIGTERM: a KeyboardInterrupt in the main thread as usual, and exit status 130 within a second
-    even when the main thread is inside a long call into XLA (restoring, compiling) that holds Python's handler
-    back. A byte on the signal wakeup fd wakes a watchdog thread; unless the main thread `acknowledge`s the
-    interrupt (the interactive chat does when it stops a reply) within GRACE_S, the process ends with 130."""
+    """Ctrl-C and SIGTERM: exit status 130 within a second, at any phase, the text printed so far kept.
+
+    The handler ends the process at once (`os._exit`: unwinding through XLA in the middle of a compilation, or
+    the interpreter's shutdown with XLA's threads running, can crash). Only while `soft` is set and no load or
+    compilation runs (the interactive chat's reply) does it raise KeyboardInterrupt instead, which stops the reply
+    and keeps the session. Python runs a handler only between bytecodes, so while the main thread sits in one long
+    call into XLA a watchdog thread, woken through the signal wakeup fd, ends the process when the handler has not
+    run within GRACE_S."""
 
     GRACE_S = 0.75
 
     def __init__(self):
+        self.soft = False
+        self.busy = 0  # loads and compilations under way (Ctrl-C then always ends the process)
         self._cond = threading.Condition()
-        self._acks = 0
+        self._handled = 0
         self._fds = None
         self._old = None
 
@@ -383,22 +392,46 @@ class _Interrupts:
         r, w = os.pipe()
         os.set_blocking(w, False)
         self._fds = (r, w)
-        self._old = (signal.set_wakeup_fd(w, warn_on_full_buffer=False), signal.signal(signal.SIGTERM, _interrupt))
+        self._old = (
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False),
+            signal.signal(signal.SIGINT, self._handler),
+            signal.signal(signal.SIGTERM, self._handler),
+        )
         threading.Thread(target=self._watch, args=(r,), name="interrupts", daemon=True).start()
         return self
 
     def __exit__(self, *exc):
         if self._fds is not None:
-            old_fd, old_term = self._old
+            old_fd, old_int, old_term = self._old
             signal.set_wakeup_fd(old_fd)
+            signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
-            os.close(self._fds[1])  # the watchdog's read ends
+            os.close(self._fds[1])  # the watchdog's read returns and it ends
             self._fds = None
 
-    def acknowledge(self) -> None:
+    @contextlib.contextmanager
+    def hard(self):
+        """A phase that Ctrl-C ends the process in, even in the chat (loading the weights)."""
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+    def engine(self, phase: str, *info) -> None:
+        """`Generator.on_status`: compilations are hard phases."""
+        if phase == "compile":
+            self.busy += 1
+        elif phase == "compiled":
+            self.busy -= 1
+
+    def _handler(self, signum, frame):
         with self._cond:
-            self._acks += 1
+            self._handled += 1
             self._cond.notify_all()
+        if self.soft and not self.busy:
+            raise KeyboardInterrupt
+        _exit_now()
 
     def _watch(self, r: int) -> None:
         seen = 0
@@ -407,19 +440,22 @@ class _Interrupts:
                 seen += sum(1 for b in data if b in (signal.SIGINT, signal.SIGTERM))
                 deadline = time.monotonic() + self.GRACE_S
                 with self._cond:
-                    while self._acks < seen:
+                    while self._handled < seen:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            with contextlib.suppress(OSError):
-                                os.write(2, b"\n")
-                            os._exit(130)
+                            _exit_now()
                         self._cond.wait(left)
         finally:
             os.close(r)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _exit_now(status: int = 130) -> None:
+    """Ends the process at once: what was printed stays (stdout is flushed after every piece), nothing unwinds."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, b"\n")
+    os._exit(status)
 
 
 def _run_one(
@@ -473,6 +509,7 @@ def _interactive(chat, args, out: _Out, status: _Status, interrupts: _Interrupts
     sampling = _sampling(args, chat=True)
     stop_ids = chat.chat_stop_ids()
     status.short_prefill = False  # one line per turn would be noise: only prompts of several chunks get one
+    interrupts.soft = True  # Ctrl-C stops a reply, not the session (but still ends a compilation)
     print(f"GLM-4 chat ({args.ckpt}). /reset clears the history, /help lists the commands, /exit quits.", flush=True)
     turn = 0
     while True:
@@ -482,7 +519,6 @@ def _interactive(chat, args, out: _Out, status: _Status, interrupts: _Interrupts
             print()
             return
         except KeyboardInterrupt:
-            interrupts.acknowledge()
             print("\n(Ctrl-D or /exit quits)")
             continue
         command = line.strip()
@@ -513,7 +549,6 @@ def _interactive(chat, args, out: _Out, status: _Status, interrupts: _Interrupts
         try:
             _, text = _run_one(chat, ids, run_args, sampling, stop_ids, out, answer=True, pieces=pieces)
         except KeyboardInterrupt:
-            interrupts.acknowledge()
             text = "".join(pieces)
             print("\n(stopped)")
         history.append({"role": "assistant", "content": text})
@@ -614,12 +649,13 @@ def _main(args, interrupts: _Interrupts) -> int:
     where = f"over a mesh of {mesh.size} devices" if mesh is not None else "on one device"
     amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
     status.line(f"loading {amount} of {dtype} weights from {args.ckpt} {where}")
-    model = _load_model(args, mesh)
+    with interrupts.hard():
+        model = _load_model(args, mesh)
     from glm4_jax.api import GLM4Chat
     from glm4_jax.engine import GenerationError
 
     chat = GLM4Chat(model, tok, mesh=mesh, prefill_chunk=args.prefill_chunk)
-    chat.generator.on_status = status.engine
+    chat.generator.on_status = lambda *event: (interrupts.engine(*event), status.engine(*event))
     out = _Out(first)
     if interactive:
         _interactive(chat, args, out, status, interrupts)
@@ -657,4 +693,11 @@ if __name__ == "__main__":
     # One module, whatever imports it later: `import glm4_jax.generate` must not load this file a second time
     # (its exception classes would then be two different classes).
     sys.modules.setdefault("glm4_jax.generate", sys.modules[__name__])
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    # Out without the interpreter's shutdown, which can crash while XLA's threads still run after a Ctrl-C.
+    if status == 130:
+        _exit_now(status)
+    sys.exit(status)

@@ -9,7 +9,17 @@ Modules: `readers` (finding and checking source files, reading tensor blocks), `
 transforms), `pipeline` (the atomic, streaming conversion), `__main__` (the command line).
 """
 
-from glm4_jax.convert.pipeline import convert
-from glm4_jax.convert.readers import ConvertError
-
 __all__ = ["ConvertError", "convert"]
+
+_LAZY = {"convert": "glm4_jax.convert.pipeline", "ConvertError": "glm4_jax.convert.readers"}
+
+
+def __getattr__(name):
+    # Lazy, so that `python -m glm4_jax.convert --help` (which runs this file first) answers at once.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'glm4_jax.convert' has no attribute {name!r}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 
@@ -19,7 +21,10 @@ safetensors (one file, or shards with model.safetensors.index.json) or legacy py
 torch; read with weights_only=True).
 SRC may also be a Hugging Face hub repo id (org/name) when huggingface_hub is installed.
 
-DST is written to a temporary sibling and renamed at the end; on any error or Ctrl-C nothing is left behind.
+DST is claimed at the start (a new DST is created empty at once) and the output is written to a temporary sibling,
+renamed onto DST at the end; on any error or Ctrl-C nothing is left behind. --force replaces only an empty directory
+or a glm4-jax checkpoint (never the current or home directory), in one atomic swap. Temporaries that an earlier,
+killed conversion left (.DST.tmp-*, .DST.old-*) are named, and removed when that is safe.
 Tensors are read one block at a time, so memory does not grow with the model; disk space is checked first.
 On bad input it prints one line `error: ...` naming the file or tensor, and exits with status 2.
 """
@@ -66,7 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"int4: entries per scale along each matrix's input dimension (default {DEFAULT_GROUP_SIZE}); it must "
         "divide every input dimension",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing DST that is a glm4-jax checkpoint or empty (only once the new one is complete)",
+    )
     p.add_argument(
         "--no-hash",
         dest="hash",
@@ -110,6 +119,7 @@ def main(argv=None) -> int:
     from glm4_jax.config import ConfigError
     from glm4_jax.convert.pipeline import convert
     from glm4_jax.convert.readers import ConvertError
+    from glm4_jax.fileio import PublishedInterrupt
 
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
@@ -129,9 +139,14 @@ def main(argv=None) -> int:
         )
     except (ConvertError, ConfigError) as e:
         _fail(str(e))
+    except PublishedInterrupt as e:
+        _fail(f"interrupted after {e.dst} was written; the old checkpoint it replaced is left at {e.leftover}")
     except KeyboardInterrupt:
-        _fail(f"interrupted; {args.dst} was not written")
+        _fail(f"interrupted; {args.dst} was not written (it is as it was)")
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            where = os.path.dirname(os.path.abspath(args.dst))
+            _fail(f"{args.dst}: no space left on the device of {where} while writing; nothing was written")
         _fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
     else:
         print(f"wrote {dst}", file=sys.stderr)

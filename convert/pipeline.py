@@ -12,7 +12,7 @@ import sys
 import threading
 
 from glm4_jax.config import DEFAULT_GROUP_SIZE, Config, np_dtype
-from glm4_jax.fileio import staging_dir
+from glm4_jax.fileio import remove_tree, staging_dir, stale_temporaries
 from glm4_jax.paths import flatten
 from glm4_jax.quant import quantized_sources
 
@@ -53,16 +53,60 @@ def resolve_source(src: str, revision: str | None = None) -> pathlib.Path:
 
 
 def check_destination(src: pathlib.Path, dst: pathlib.Path, force: bool) -> None:
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise ConvertError(f"{dst}: already exists (use --force to replace it)")
-        if not dst.is_dir():
-            raise ConvertError(f"{dst}: exists and is not a directory; not replacing it")
-    if not dst.parent.is_dir():
-        raise ConvertError(f"{dst.parent}: no such directory (the parent of DST must exist)")
+    """Refuses a DST that overlaps SRC, whose parent is missing, or that exists without being replaceable (see
+    `check_replaceable`); an existing DST needs --force, which is suggested only when it would work."""
     s, t = src.resolve(), dst.resolve()
     if s == t or s.is_relative_to(t) or t.is_relative_to(s):
         raise ConvertError(f"{dst}: DST must lie outside SRC ({src}) and not contain it")
+    if dst.exists() or dst.is_symlink():
+        try:
+            check_replaceable(dst)
+        except ConvertError as e:
+            raise ConvertError(f"{e}{'' if force else '; choose another DST'}") from None
+        if not force:
+            raise ConvertError(f"{dst}: already exists (use --force to replace it)")
+    if not dst.parent.is_dir():
+        raise ConvertError(f"{dst.parent}: no such directory (the parent of DST must exist)")
+
+
+def check_replaceable(dst: pathlib.Path) -> None:
+    """What --force may replace: an empty directory, or a glm4-jax checkpoint (it has our manifest.json), and never
+    the current directory, the home directory, / or a directory that holds one of them."""
+    from glm4_jax import checkpoint
+
+    if dst.is_symlink() or not dst.is_dir():
+        raise ConvertError(f"{dst}: exists and is not a directory; not replacing it, even with --force")
+    t = dst.resolve()
+    for what, path in (("the current directory", pathlib.Path.cwd()), ("your home directory", pathlib.Path.home())):
+        if path.resolve().is_relative_to(t):
+            here = "is" if path.resolve() == t else "holds"
+            raise ConvertError(f"{dst}: {here} {what}; not replacing it, even with --force")
+    if not any(dst.iterdir()):
+        return
+    try:
+        checkpoint.read_manifest(dst)
+    except checkpoint.CheckpointError:
+        raise ConvertError(
+            f"{dst}: exists and is not a glm4-jax checkpoint (no {checkpoint.MANIFEST} of ours); not replacing it, "
+            "even with --force"
+        ) from None
+
+
+def report_stale_temporaries(dst: pathlib.Path) -> None:
+    """Names (on stderr) the temporaries an earlier, killed conversion into `dst` left, and removes those that are
+    safe to remove: a `.NAME.tmp-*` never became DST; a `.NAME.old-*` (an old DST moved aside) is removed when DST
+    exists, and is all that is left of the old checkpoint when DST does not."""
+    for path in stale_temporaries(dst):
+        if path.name.startswith(f".{dst.name}.old-") and not dst.exists():
+            print(
+                f"note: {path} holds the checkpoint an earlier conversion moved aside before it was stopped, and "
+                f"{dst} is missing: rename it back with `mv {path} {dst}`",
+                file=sys.stderr,
+            )
+            continue
+        remove_tree(path)
+        state = "removed" if not os.path.lexists(path) else "could not remove"
+        print(f"note: {state} {path}, left by an earlier conversion that was stopped", file=sys.stderr)
 
 
 def inventory(files, tmp: pathlib.Path | None) -> dict[str, TensorInfo]:
@@ -143,6 +187,40 @@ class Hasher:
             raise ConvertError(f"hashing the source files failed: {e}") from None
 
 
+def tokenizer_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """The tokenizer files of SRC to copy into DST. Each must be a regular file inside SRC: a symlink that leads
+    out of it is refused (it would copy a file from elsewhere into DST), except into the `blobs/` folder of a Hugging
+    Face cache when SRC is one of its snapshots (where every file is such a link)."""
+    inside = [root.resolve()]
+    if root.parent.name == "snapshots":
+        inside.append((root.parent.parent / "blobs").resolve())
+    found = []
+    for name in TOKENIZER_FILES:
+        path = root / name
+        if not os.path.lexists(path):
+            continue
+        target = path.resolve()
+        if not any(target.is_relative_to(d) for d in inside):
+            raise ConvertError(f"{path}: a link to {target}, outside SRC; copy the file itself into SRC")
+        if not target.is_file():
+            raise ConvertError(f"{path}: not a regular file")
+        found.append(path)
+    return found
+
+
+def copy_at_most_as_open(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copies a file; the copy is no more readable (or writable) than the source."""
+    shutil.copyfile(src, dst)
+    os.chmod(dst, os.stat(dst).st_mode & os.stat(src).st_mode & 0o777)
+
+
+def _replaceable(dst: pathlib.Path) -> None:
+    try:
+        check_replaceable(dst)
+    except ConvertError as e:
+        raise ConvertError(f"{e} (it changed during the conversion)") from None
+
+
 def _layout(config_path: pathlib.Path) -> str:
     kind = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if kind == "glm4_jax":
@@ -175,6 +253,7 @@ def convert(
     root = resolve_source(src, revision)
     dst_path = pathlib.Path(dst).expanduser().absolute()
     check_destination(root, dst_path, force)
+    report_stale_temporaries(dst_path)
     np_dtype(dtype)
     config_path = root / "config.json"
     cfg = Config.from_file(config_path).replace(dtype=dtype)
@@ -188,7 +267,7 @@ def convert(
         map_tensors(cfg, layout, tensors)  # every name and shape checked before anything is written
 
     out_bytes = sum(a.size * a.dtype.itemsize for _, a in flatten(checkpoint.expected_params(cfg)))
-    extra = [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+    extra = tokenizer_files(root)
     need = out_bytes + sum(p.stat().st_size for p in extra) + DISK_SLACK
     if files.kind == "bin":
         need += files.total_bytes  # the shards rewritten as safetensors, until the end
@@ -201,7 +280,7 @@ def convert(
 
     sources = [config_path, *([files.index] if files.index else []), *files.files]
     hasher = None
-    with staging_dir(dst_path, overwrite=force) as tmp:
+    with staging_dir(dst_path, overwrite=force, replaceable=_replaceable) as tmp:
         try:
             if tensors is None:
                 work = tmp / ".bin-as-safetensors"
@@ -221,7 +300,7 @@ def convert(
                 bar.close()
             cfg.save(tmp / checkpoint.CONFIG)
             for p in extra:
-                shutil.copyfile(p, tmp / p.name)
+                copy_at_most_as_open(p, tmp / p.name)
             if files.kind == "bin":
                 shutil.rmtree(work)
             digests = hasher.result() if hasher else {}

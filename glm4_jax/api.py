@@ -33,30 +33,10 @@ from glm4_jax.engine import (
     Generator,
 )
 from glm4_jax.model import GLM4
-from glm4_jax.sampling import CHAT_DEFAULTS, SamplingParams
+from glm4_jax.options import CHAT_DEFAULTS, SamplingParams
+from glm4_jax.tokenizer_json import load_tokenizer  # noqa: F401  (re-exported)
 
 Messages = str | Sequence[Mapping[str, Any]]
-
-TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_JSON = "tokenizer.json"
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer of the checkpoint directory `path`, or None when it has none: a `Tokenizer` of its
-    tokenizer.model (GLM-4-9B), else a `JsonTokenizer` of its tokenizer.json (GLM-4-0414).
-
-    Raises OSError or `glm4_jax.tokenizer.TokenizerError` for a file that cannot be read.
-    """
-    tok_path = os.path.join(path, TOKENIZER_FILE)
-    if os.path.isfile(tok_path):
-        from glm4_jax.tokenizer import Tokenizer
-
-        return Tokenizer.from_file(tok_path)
-    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
-        from glm4_jax.tokenizer_json import JsonTokenizer
-
-        return JsonTokenizer.from_dir(path)
-    return None
 
 
 def _sampling(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> SamplingParams:

@@ -26,10 +26,7 @@ import math
 import statistics
 import sys
 import time
-
-import jax
-import numpy as np
-from flax import nnx
+from typing import TYPE_CHECKING
 
 from glm4_jax.config import (
     DEFAULT_GROUP_SIZE,
@@ -41,9 +38,9 @@ from glm4_jax.config import (
     np_dtype,
     preset,
 )
-from glm4_jax.engine import Generator
-from glm4_jax.fixtures import TINY
-from glm4_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:  # JAX and the engine are imported once the arguments are checked
+    from glm4_jax.engine import Generator
 
 # Measured device-to-device copy rates (bytes read + written per second): the practical bandwidth ceiling.
 BANDWIDTH = {"H100": 2.99e12, "H200": 4.3e12}
@@ -91,6 +88,9 @@ def parse_workloads(decode: str, prefill: str) -> list[tuple[str, int, int]]:
 def step_bytes(model, batch: int, context: int, kv_cache: str | None = None) -> int:
     """Bytes one decode step reads: all weights but the embedding table, B embedding rows, the K/V cache (and its
     scales, for an int8 cache)."""
+    import jax
+    from flax import nnx
+
     cfg = model.cfg
     params = nnx.state(model, nnx.Param)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -103,6 +103,8 @@ def step_bytes(model, batch: int, context: int, kv_cache: str | None = None) -> 
 
 
 def peak_memory() -> int | None:
+    import jax
+
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
@@ -110,11 +112,17 @@ def peak_memory() -> int | None:
 def device_bandwidth(explicit: float | None) -> float | None:
     if explicit:
         return explicit * 1e9
+    import jax
+
     kind = jax.devices()[0].device_kind
     return next((bw for name, bw in BANDWIDTH.items() if name in kind), None)
 
 
 def run_workload(gen: Generator, kind: str, batch: int, prompt: int, new_tokens: int, repeats: int, bw) -> Row:
+    import numpy as np
+
+    from glm4_jax.options import SamplingParams
+
     rng = np.random.RandomState(0)
     n_vocab = gen.n_vocab
     prompts = [rng.randint(0, n_vocab, prompt).tolist() for _ in range(batch)]
@@ -150,6 +158,8 @@ def run_workload(gen: Generator, kind: str, batch: int, prompt: int, new_tokens:
 
 
 def gen_model(gen: Generator):
+    from flax import nnx
+
     return nnx.merge(gen.graphdef, gen.state)
 
 
@@ -160,6 +170,10 @@ def load_model(args, mesh):
         return checkpoint.load(
             args.ckpt, mesh=mesh, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
         )
+    import jax
+
+    from glm4_jax.fixtures import TINY
+
     cfg = TINY if args.random == "tiny" else preset(args.random)
     cfg = cfg.replace(dtype=args.dtype or "bfloat16", quant=args.quantize, group_size=args.group_size)
     from glm4_jax.placement import init_sharded_model
@@ -230,6 +244,19 @@ def main(argv=None) -> int:
         if args.new_tokens < 2 or args.repeats < 1 or args.prefill_chunk < 1:
             raise BenchError("--new-tokens must be >= 2, --repeats and --prefill-chunk >= 1")
         workloads = parse_workloads(args.decode, args.prefill)
+        if args.mesh:
+            from glm4_jax.sharding import parse_mesh_spec
+
+            parse_mesh_spec(args.mesh, keep_rest=True)  # the spec's syntax, before JAX starts
+    except (BenchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    import jax
+    from flax import nnx
+
+    from glm4_jax.engine import Generator
+
+    try:
         mesh = None
         if args.mesh:
             from glm4_jax.sharding import make_mesh

@@ -15,6 +15,8 @@ removed at the end unless `--keep`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import pathlib
 import shutil
 import sys
@@ -49,10 +51,20 @@ def main(argv=None) -> int:
     keep = bool(args.out) or args.keep
     try:
         src, dst = out / "thudm", out / "converted"
-        print(f"[1/3] writing a tiny random GLM-4 (THUDM layout) and a synthetic tokenizer to {src}", flush=True)
+        # Paths are shown only when they are kept: a temporary directory is gone when the demo ends.
+        where = f"to {src}" if keep else "to a temporary directory (removed at the end; --out DIR keeps it)"
+        print(f"[1/3] writing a tiny random GLM-4 (THUDM layout) and a synthetic tokenizer {where}", flush=True)
         write_demo_source(src, seed=args.seed)
-        print(f"[2/3] converting it with `python -m glm4_jax.convert {src} {dst}`", flush=True)
-        convert_checkpoint(src, dst)
+        shown = (src, dst) if keep else ("thudm", "converted")
+        print(f"[2/3] converting it with `python -m glm4_jax.convert {shown[0]} {shown[1]}`", flush=True)
+        said = io.StringIO()  # the converter's "wrote DST" names a path that is gone at the end, unless kept
+        try:
+            with contextlib.redirect_stderr(sys.stderr if keep else said):
+                convert_checkpoint(src, dst)
+        finally:
+            sys.stderr.write(
+                "" if keep else "".join(line for line in said.getvalue().splitlines(True) if "wrote" not in line)
+            )
         from glm4_jax.api import GLM4Chat
 
         chat = GLM4Chat.from_checkpoint(dst)

@@ -44,16 +44,20 @@ from flax import nnx
 
 from glm4_jax.config import Config
 from glm4_jax.model import GLM4, KVCache
-from glm4_jax.sampling import SamplingParams, sample
+from glm4_jax.options import (  # noqa: F401  (re-exported: jax-free, so that the CLI reads them before JAX starts)
+    CACHE_ROUND,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PREFILL_CHUNK,
+    SamplingParams,
+    truncate_left,
+)
+from glm4_jax.sampling import sample
 
 Array = jax.Array
 
 GLM4_N_VOCAB = 151343  # ids of the GLM-4 tokenizer (151329 ranks + 14 specials); rows above are padding
 GLM4_VOCAB_ROWS = 151552
-DEFAULT_PREFILL_CHUNK = 512
 MIN_BUCKET = 16  # the smallest leading prefill chunk
-CACHE_ROUND = 128  # default cache lengths are rounded up to a multiple of this (fewer recompiles)
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class GenerationError(ValueError):
@@ -110,18 +114,6 @@ def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 def default_n_vocab(cfg: Config) -> int:
     """Without a tokenizer: the GLM-4 tokenizer's 151343 ids for GLM-4's 151552-row embedding, else every row."""
     return GLM4_N_VOCAB if cfg.vocab_size == GLM4_VOCAB_ROWS else cfg.vocab_size
-
-
-def truncate_left(ids: Sequence[int], keep: int, prefix: Sequence[int] = ()) -> list[int]:
-    """The last `keep` ids of a prompt (at least one). A leading `prefix` (`[gMASK]<sop>`) is kept in front and
-    counts towards `keep`."""
-    ids = list(ids)
-    if len(ids) <= keep:
-        return ids
-    prefix = list(prefix)
-    if prefix and ids[: len(prefix)] == prefix and keep > len(prefix):
-        return prefix + ids[len(ids) - (keep - len(prefix)) :]
-    return ids[len(ids) - max(1, keep) :]
 
 
 # ---- the compiled pieces -------------------------------------------------------------------------------------------
@@ -283,6 +275,15 @@ class Generator:
         self._state_sig = tuple((x.shape, str(x.dtype), x.sharding) for x in jax.tree.leaves(self.state))
         self._keys: set = set()  # what this Generator compiled
         self._compile_s = 0.0
+        # For progress displays (the generate CLI's status lines): called as on_status("compile", name, static)
+        # before a function compiles and on_status("compiled", name, static) after it, on_status("prefill",
+        # tokens_done, tokens_total) before each prefill chunk and once at the end, and on_status("decode",
+        # max_new_tokens) when the decode starts.
+        self.on_status: Callable[..., None] | None = None
+
+    def _status(self, *event) -> None:
+        if self.on_status is not None:
+            self.on_status(*event)
 
     # -- compilation cache
 
@@ -305,10 +306,12 @@ class Generator:
         key = (name, static, self.graphdef, self._state_sig, sig)
         compiled = _COMPILED.get(key)
         if compiled is None:
+            self._status("compile", name, static)
             t = time.perf_counter()
             with self._mesh_context():
                 compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self._compile_s += time.perf_counter() - t
+            self._status("compiled", name, static)
             _COMPILED[key] = compiled
             self._keys.add(key)
         return compiled
@@ -401,11 +404,13 @@ class Generator:
         start = 0
         logits = None
         for size in sizes:
+            self._status("prefill", start, padded)
             chunk = (tokens[:, start : start + size], positions[:, start : start + size])
             logits, cache = self._call(
                 "prefill", size, functools.partial(_prefill_chunk, self.graphdef), (1,), self.state, cache, *chunk
             )
             start += size
+        self._status("prefill", start, padded)
         V = self.cfg.vocab_size if s.sampling.uses_penalty else 0
         seen = np.zeros((B, V), bool)
         if V:
@@ -467,6 +472,7 @@ class Generator:
         d, lengths, padded, max_len = self._prefill(prompts, s, max_len, seed)
         jax.block_until_ready(d.tok)
         c1, t1 = self._compile_s, time.perf_counter()
+        self._status("decode", s.max_new_tokens)
         d = self._call("loop", s, functools.partial(_loop, self.graphdef, s), (1,), self.state, d)
         out, steps = jax.device_get((d.out, d.n))
         c2, t2 = self._compile_s, time.perf_counter()
@@ -496,16 +502,18 @@ class Generator:
         d, lengths, padded, max_len = self._prefill(prompts, s, max_len, seed)
         tok, done = jax.device_get((d.tok, d.done))
         c1, t1 = self._compile_s, time.perf_counter()
+        steps, end = 1, padded
+        step = None  # the compiled step: its argument shapes never change
+        if steps < s.max_new_tokens and not done.all() and end < max_len:
+            # compiled before the first token is shown, so that the text does not stall after its first token
+            self._status("decode", s.max_new_tokens)
+            step = self._compiled("step", s, functools.partial(_step, self.graphdef, s), (1,), self.state, d)
         outs = [tok]
         paused = 0.0  # time spent by the consumer between yields, not counted as decode time
         t = time.perf_counter()
         yield tok
         paused += time.perf_counter() - t
-        steps, end = 1, padded
-        step = None  # the compiled step: looked up once, its argument shapes never change
         while steps < s.max_new_tokens and not done.all() and end < max_len:
-            if step is None:
-                step = self._compiled("step", s, functools.partial(_step, self.graphdef, s), (1,), self.state, d)
             with self._mesh_context():
                 d = step(self.state, d)
             tok, done = jax.device_get((d.tok, d.done))

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -123,22 +123,76 @@ def fsync_tree(root: pathlib.Path) -> None:
         list(pool.map(fsync, dirs))
 
 
-@contextlib.contextmanager
-def staging_dir(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """Yields a fresh temporary sibling of `dst` to write into; renames it to `dst` when the block succeeds.
+class PublishedInterrupt(KeyboardInterrupt):
+    """Ctrl-C after the new directory was published, while the old one (moved aside) was being removed: `dst` holds
+    the new directory, and what is left of the old one is at `leftover`."""
 
-    On any exception (KeyboardInterrupt included) the temporary is removed and `dst` is left as it was. An existing
-    `dst` is refused unless `overwrite`, and then replaced only once the new one is complete.
+    def __init__(self, dst: pathlib.Path, leftover: pathlib.Path):
+        self.dst, self.leftover = dst, leftover
+        super().__init__(f"{dst} was written; the old copy is left at {leftover}")
+
+
+def temporary_names(dst: pathlib.Path) -> tuple[str, str]:
+    """The glob patterns of the hidden siblings `staging_dir` makes for `dst`: (being written, moved aside)."""
+    return f".{dst.name}.tmp-*", f".{dst.name}.old-*"
+
+
+@contextlib.contextmanager
+def staging_dir(
+    dst: str | os.PathLike, *, overwrite: bool = False, replaceable: Callable[[pathlib.Path], None] | None = None
+) -> Iterator[pathlib.Path]:
+    """Yields a fresh temporary sibling of `dst` to write into; puts it at `dst` when the block succeeds.
+
+    `dst` is claimed at the start: when it does not exist it is created at once as an empty directory (an exclusive
+    `mkdir`), so a second writer of the same `dst` fails from the start instead of replacing the first one's work.
+    At the end the temporary is renamed onto that empty directory, which the kernel refuses when anything was put
+    into it in the meantime: then FileExistsError, and `dst` keeps what was put there.
+    An existing `dst` is refused unless `overwrite`; then `replaceable(dst)` (when given) is called at the start
+    and again right before the swap, and raises to refuse. The swap is atomic where the kernel has
+    renameat2(RENAME_EXCHANGE) (Linux): at any moment, a kill included, `dst` is the old directory or the new one.
+    On any exception (KeyboardInterrupt included) before the swap, the temporary is removed and `dst` is left as
+    it was (and an empty `dst` this call created is removed). While the block runs the temporary is locked
+    (flock), so `stale_temporaries` can tell a live writer's temporaries from those of a killed one.
     """
     dst = pathlib.Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists")
+    claimed = False
+    try:
+        os.mkdir(dst)
+        claimed = True
+    except FileExistsError:
+        if not overwrite:
+            raise FileExistsError(f"{dst} already exists") from None
+        if replaceable is not None:
+            replaceable(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        lock = _lock(tmp)
+    except BaseException:
+        if claimed:
+            _rmdir_if_empty(dst)
+        raise
+    published = False
     try:
         yield tmp
         fsync_tree(tmp)
-        if dst.exists() or dst.is_symlink():
+        if claimed:
+            try:
+                os.rename(tmp, dst)  # onto our empty directory; refused if it is no longer empty
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise FileExistsError(
+                        f"{dst}: something was put there while it was being written; not replacing it"
+                    ) from None
+                raise
+            published = True
+            return
+        if replaceable is not None:
+            replaceable(dst)
+        if _exchange(tmp, dst):  # tmp now holds the old directory
+            published = True
+            old = tmp
+        else:
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(dst, old)
             try:
@@ -146,12 +200,79 @@ def staging_dir(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             except BaseException:
                 os.rename(old, dst)
                 raise
+            published = True
+        try:
             remove_tree(old)
-        else:
-            os.rename(tmp, dst)
+        except KeyboardInterrupt:
+            raise PublishedInterrupt(dst, old) from None
     except BaseException:
-        remove_tree(tmp)
+        if not published:
+            remove_tree(tmp)
+            if claimed:
+                _rmdir_if_empty(dst)
         raise
+    finally:
+        os.close(lock)
+
+
+def stale_temporaries(dst: str | os.PathLike) -> list[pathlib.Path]:
+    """The temporaries of `staging_dir` for `dst` that no running writer holds (left by a killed one), oldest
+    first. Those named `.NAME.tmp-*` never became `dst` (or hold an old copy being removed) and are safe to
+    remove; a `.NAME.old-*` is an old `dst` moved aside, which is all there is when `dst` is missing."""
+    dst = pathlib.Path(dst).absolute()
+    found = []
+    for pattern in temporary_names(dst):
+        for path in dst.parent.glob(pattern):
+            if path.is_symlink() or not path.is_dir():
+                continue
+            try:
+                fd = _lock(path, wait=False)
+            except (BlockingIOError, OSError):
+                continue  # held by a writer that is still running (or unreadable: not ours to judge)
+            os.close(fd)
+            found.append(path)
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _lock(path: pathlib.Path, wait: bool = True) -> int:
+    """An fd of the directory `path`, holding an exclusive flock on it (released when the fd is closed, or the
+    process dies). Raises BlockingIOError when `wait` is False and another process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except ImportError:  # no flock (Windows): no lock
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _rmdir_if_empty(path: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swaps the directories `a` and `b` in one step (Linux renameat2 with RENAME_EXCHANGE); False, with nothing
+    done, where the C library or the filesystem cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def remove_tree(path: pathlib.Path) -> None:

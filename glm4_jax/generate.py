@@ -11,15 +11,28 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
-import jax
-
-from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, KV_CACHE_DTYPES, QUANT_SCHEMES, Config
-from glm4_jax.engine import CACHE_ROUND, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_CHUNK, GenerationError, truncate_left
-from glm4_jax.sampling import CHAT_DEFAULTS, SamplingError, SamplingParams
+# Nothing here imports JAX at module level: the arguments are parsed and checked first, so that `--help` and a bad
+# flag answer at once; JAX, the checkpoint and the engine are imported once they are needed.
+from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, KV_CACHE_DTYPES, QUANT_SCHEMES, Config, np_dtype
+from glm4_jax.options import (
+    CACHE_ROUND,
+    CHAT_DEFAULTS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PREFILL_CHUNK,
+    SamplingError,
+    SamplingParams,
+    check_seed,
+    truncate_left,
+    turn_seed,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +54,8 @@ Generate text with a converted GLM-4 checkpoint (from `python -m glm4_jax.conver
 
 Modes: --chat TEXT (one user turn in the chat template, optional --system), --prompt TEXT (raw completion,
 prefixed with [gMASK]<sop>), --prompt-ids (token ids as given, no tokenizer needed), or none of them on a
-terminal: an interactive chat (keeps the history; /reset clears it, /exit or Ctrl-D quits).
+terminal: an interactive chat (keeps the history; /reset clears it, /help lists the commands, /exit or Ctrl-D
+quits; Ctrl-C stops the reply being written and keeps the history).
 
 Sampling defaults: chat (--chat and interactive) uses the official GLM-4-9B-chat demo settings, temperature 0.8
 and top-p 0.8; --prompt and --prompt-ids default to greedy (temperature 0, top-p 1). Explicit flags override.
@@ -52,6 +66,12 @@ rows (>= the tokenizer's n_vocab, 151343 for GLM-4) are never sampled.
 Text is streamed to stdout as it is generated (a Python loop over the jitted decode step, never splitting a UTF-8
 character); --no-stream runs the whole decode as one compiled lax.while_loop and prints at the end. Both give
 the same tokens. Bad input gives a one-line `error: ...` on stderr and exit code 2.
+
+Progress goes to stderr: one line per slow phase (loading the weights, compiling, prefilling) and a progress
+bar for a prompt of several prefill chunks when stderr is a terminal; -q silences them. stdout holds only the
+generated text (and, with --json, the JSON line). --max-new-tokens larger than the room left in the KV cache is
+lowered to it, with a note. Ctrl-C stops at any phase with exit status 130, the text so far kept; a closed
+stdout (`| head`) ends the run quietly with status 141.
 """
 
 
@@ -98,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="divide positive / multiply negative logits of ids already in the prompt or output by R, > 0; "
         "1 is off (default 1; some GLM-4 demos use 1.2)",
     )
-    g.add_argument("--seed", type=int, default=0, help="PRNG seed; the same seed gives the same tokens (default 0)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="PRNG seed, a 64-bit integer; the same seed gives the same tokens (default 0)",
+    )
     r = p.add_argument_group("runtime")
     r.add_argument(
         "--dtype",
@@ -167,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the text, print one JSON object as the last line of stdout: ids (generated, prompt excluded, "
         "stop id included), text, prompt_tokens, stop_reason, prefill_s, decode_s, decode_tok_s, compile_s, ...",
     )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no status lines or progress bars on stderr (errors still show)"
+    )
     return p
 
 
@@ -196,6 +224,20 @@ def _validate(args) -> None:
             raise UsageError(f"empty prompt: {flag} is empty")
     if args.system is not None and (args.prompt is not None or args.prompt_ids is not None):
         raise UsageError("--system applies to --chat and interactive chat only")
+    try:
+        check_seed(args.seed)
+    except ValueError as e:
+        raise UsageError(f"--seed {e}") from None
+    if args.mesh:
+        from glm4_jax.sharding.mesh import parse_mesh_spec  # no JAX: the syntax only, the devices come later
+
+        try:
+            parse_mesh_spec(args.mesh, keep_rest=True)
+        except ValueError as e:
+            raise UsageError(f"--mesh: {e}") from None
+    cluster = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in cluster) and not args.distributed:
+        raise UsageError("--coordinator, --num-processes and --process-id need --distributed")
 
 
 def _sampling(args, chat: bool) -> SamplingParams:
@@ -239,9 +281,23 @@ def _load_config(ckpt: str) -> Config:
     return cfg
 
 
+def _cap_new_tokens(n_prompt: int, args, cfg: Config, status: _Status) -> int:
+    """--max-new-tokens, lowered (with a note) to what the KV cache has room for after a prompt of `n_prompt`
+    tokens: each new token but the last takes a slot of the cache (--max-len, or the model's context)."""
+    limit, what = (args.max_len, "--max-len") if args.max_len is not None else (cfg.max_seq_len, "the context")
+    room = max(1, limit - n_prompt + 1)
+    if args.max_new_tokens <= room:
+        return args.max_new_tokens
+    status.note(
+        f"--max-new-tokens {args.max_new_tokens} lowered to {room}: the room left in the cache ({what} of {limit} "
+        f"tokens, {n_prompt} taken by the prompt)"
+    )
+    return room
+
+
 def _load_tokenizer(ckpt: str):
-    from glm4_jax.api import load_tokenizer
     from glm4_jax.tokenizer import TokenizerError
+    from glm4_jax.tokenizer_json import load_tokenizer
 
     try:
         return load_tokenizer(ckpt)
@@ -272,10 +328,166 @@ class _Out:
             sys.stdout.flush()
 
 
-def _run_one(chat, ids: list[int], args, sampling, stop_ids, out: _Out, *, answer: bool = False) -> tuple:
+# What each compiled function of the engine is, for the status lines (glm4_jax.engine.Generator._compiled).
+_COMPILED_WHAT = {
+    "prefill": "the prefill of a {}-token chunk",
+    "start": "the first-token sampler",
+    "step": "the decode step",
+    "loop": "the decode loop",
+}
+
+
+class _Status:
+    """Progress on stderr: one line per slow phase (loading, compiling, prefilling), and a tqdm bar for a prefill
+    of several chunks when stderr is a terminal. Off under --quiet and on every process but 0."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.prompt_tokens = 0  # of the prompt being prefilled (the engine reports padded lengths)
+        self.chunk = DEFAULT_PREFILL_CHUNK
+        self.stream = True
+        self.short_prefill = True  # a line for a prefill of one chunk too (off in the interactive chat)
+        self._bar = None
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)  # above the bar, which stays
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        self.line(f"note: {text}")
+
+    def engine(self, phase: str, *info) -> None:
+        """`Generator.on_status`."""
+        if phase == "compile":
+            name, static = info
+            self.line("compiling " + _COMPILED_WHAT.get(name, name).format(static))
+        elif phase == "prefill":
+            done, total = info
+            if done == 0 and (self.short_prefill or total > self.chunk):
+                self.line(f"prefilling {self.prompt_tokens:,} tokens")
+                if self.enabled and total > self.chunk:
+                    from tqdm import tqdm
+
+                    self._bar = tqdm(
+                        total=total, unit="tok", desc="prefill", file=sys.stderr, disable=None, dynamic_ncols=True
+                    )
+            elif self._bar is not None:
+                self._bar.update(done - self._bar.n)
+                if done >= total:
+                    self._close_bar()
+        elif phase == "decode" and not self.stream:
+            self.line(f"decoding at most {info[0]:,} tokens in one compiled loop (the text comes at the end)")
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM: exit status 130 within a second, at any phase, the text printed so far kept.
+
+    The handler ends the process at once (`os._exit`: unwinding through XLA in the middle of a compilation, or
+    the interpreter's shutdown with XLA's threads running, can crash). Only while `soft` is set and no load or
+    compilation runs (the interactive chat's reply) does it raise KeyboardInterrupt instead, which stops the reply
+    and keeps the session. Python runs a handler only between bytecodes, so while the main thread sits in one long
+    call into XLA a watchdog thread, woken through the signal wakeup fd, ends the process when the handler has not
+    run within GRACE_S."""
+
+    GRACE_S = 0.75
+
+    def __init__(self):
+        self.soft = False
+        self.busy = 0  # loads and compilations under way (Ctrl-C then always ends the process)
+        self._cond = threading.Condition()
+        self._handled = 0
+        self._fds = None
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._fds = (r, w)
+        self._old = (
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False),
+            signal.signal(signal.SIGINT, self._handler),
+            signal.signal(signal.SIGTERM, self._handler),
+        )
+        threading.Thread(target=self._watch, args=(r,), name="interrupts", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._fds is not None:
+            old_fd, old_int, old_term = self._old
+            signal.set_wakeup_fd(old_fd)
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+            os.close(self._fds[1])  # the watchdog's read returns and it ends
+            self._fds = None
+
+    @contextlib.contextmanager
+    def hard(self):
+        """A phase that Ctrl-C ends the process in, even in the chat (loading the weights)."""
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+    def engine(self, phase: str, *info) -> None:
+        """`Generator.on_status`: compilations are hard phases."""
+        if phase == "compile":
+            self.busy += 1
+        elif phase == "compiled":
+            self.busy -= 1
+
+    def _handler(self, signum, frame):
+        with self._cond:
+            self._handled += 1
+            self._cond.notify_all()
+        if self.soft and not self.busy:
+            raise KeyboardInterrupt
+        _exit_now()
+
+    def _watch(self, r: int) -> None:
+        seen = 0
+        try:
+            while data := os.read(r, 64):
+                seen += sum(1 for b in data if b in (signal.SIGINT, signal.SIGTERM))
+                deadline = time.monotonic() + self.GRACE_S
+                with self._cond:
+                    while self._handled < seen:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            _exit_now()
+                        self._cond.wait(left)
+        finally:
+            os.close(r)
+
+
+def _exit_now(status: int = 130) -> None:
+    """Ends the process at once: what was printed stays (stdout is flushed after every piece), nothing unwinds."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, b"\n")
+    os._exit(status)
+
+
+def _run_one(
+    chat, ids: list[int], args, sampling, stop_ids, out: _Out, *, answer: bool = False, pieces: list | None = None
+) -> tuple:
     """Generates for one prompt, streaming text (or ids, without a tokenizer) to stdout; returns (result, text).
 
-    With `answer` (chat), the newline the model writes right after `<|assistant|>` is left out of the text."""
+    With `answer` (chat), the newline the model writes right after `<|assistant|>` is left out of the text.
+    `pieces` collects the text as it is printed (what is left of a reply that Ctrl-C stopped)."""
+    pieces = [] if pieces is None else pieces
     kw = dict(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stop_ids=stop_ids, max_len=args.max_len
     )
@@ -291,9 +503,11 @@ def _run_one(chat, ids: list[int], args, sampling, stop_ids, out: _Out, *, answe
         return res, ""
     if args.no_stream:
         res, text = chat.complete_ids(ids, answer=answer, **kw)
+        pieces.append(text)
         out.write(text)
     else:
         for piece in chat.stream_text(ids, answer=answer, **kw):
+            pieces.append(piece)
             out.write(piece)
         res = chat.last_result
         text = res.texts[0].removeprefix("\n") if answer else res.texts[0]
@@ -301,7 +515,14 @@ def _run_one(chat, ids: list[int], args, sampling, stop_ids, out: _Out, *, answe
     return res, text
 
 
-def _interactive(chat, args, out: _Out) -> None:
+CHAT_HELP = """\
+/reset  clear the history (keeps --system)
+/help   this list
+/exit   quit (also /quit, or Ctrl-D)
+Ctrl-C stops the reply being written; the history keeps the part written so far."""
+
+
+def _interactive(chat, args, out: _Out, status: _Status, interrupts: _Interrupts) -> None:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     tok = chat.tokenizer
@@ -309,7 +530,9 @@ def _interactive(chat, args, out: _Out) -> None:
     history = list(initial)
     sampling = _sampling(args, chat=True)
     stop_ids = chat.chat_stop_ids()
-    print(f"GLM-4 chat ({args.ckpt}). /reset clears the history, /exit quits.", flush=True)
+    status.short_prefill = False  # one line per turn would be noise: only prompts of several chunks get one
+    interrupts.soft = True  # Ctrl-C stops a reply, not the session (but still ends a compilation)
+    print(f"GLM-4 chat ({args.ckpt}). /reset clears the history, /help lists the commands, /exit quits.", flush=True)
     turn = 0
     while True:
         try:
@@ -317,6 +540,9 @@ def _interactive(chat, args, out: _Out) -> None:
         except EOFError:
             print()
             return
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit quits)")
+            continue
         command = line.strip()
         if not command:
             continue
@@ -326,6 +552,9 @@ def _interactive(chat, args, out: _Out) -> None:
             history = list(initial)
             print("(history cleared)")
             continue
+        if command == "/help":
+            print(CHAT_HELP)
+            continue
         history.append({"role": "user", "content": line})
         ids = tok.apply_chat_template(history)
         try:
@@ -334,27 +563,44 @@ def _interactive(chat, args, out: _Out) -> None:
             history.pop()
             print(f"error: {e}; /reset to start over", file=sys.stderr)
             continue
+        status.prompt_tokens = len(ids)
+        n_new = _cap_new_tokens(len(ids), args, chat.cfg, status)
         sys.stdout.write("assistant> ")
-        run_args = argparse.Namespace(**{**vars(args), "seed": args.seed + turn})
-        _, text = _run_one(chat, ids, run_args, sampling, stop_ids, out, answer=True)
+        run_args = argparse.Namespace(**{**vars(args), "seed": turn_seed(args.seed, turn), "max_new_tokens": n_new})
+        pieces: list[str] = []
+        try:
+            _, text = _run_one(chat, ids, run_args, sampling, stop_ids, out, answer=True, pieces=pieces)
+        except KeyboardInterrupt:
+            text = "".join(pieces)
+            print("\n(stopped)")
         history.append({"role": "assistant", "content": text})
         turn += 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI (see `--help`). Returns 0; bad input raises SystemExit(2) after a one-line `error: ...`."""
+    """The CLI (see `--help`). Returns 0; bad input raises SystemExit(2) after a one-line `error: ...`, Ctrl-C
+    SystemExit(130), a closed stdout SystemExit(141)."""
     try:
-        return _main(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        _validate(args)  # before JAX is imported
+        with _Interrupts() as interrupts:
+            return _main(args, interrupts)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
         print(file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): no traceback, and no second error when Python flushes stdout at exit.
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
 
 
-def _main(args) -> int:
-    _validate(args)
+def _main(args, interrupts: _Interrupts) -> int:
     prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     interactive = args.prompt is None and args.chat is None and prompt_ids is None
     if interactive and not sys.stdin.isatty():
@@ -373,10 +619,11 @@ def _main(args) -> int:
         )
         if v is not None
     }
-    if cluster and not args.distributed:
-        raise UsageError("--coordinator, --num-processes and --process-id need --distributed")
     # Before anything touches a device. Without the flag, a multi-host TPU VM slice still joins (auto-detected).
-    sharding.initialize_distributed(True if args.distributed else None, **cluster)
+    try:
+        sharding.initialize_distributed(True if args.distributed else None, **cluster)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--distributed: {' '.join(str(e).split())}") from None
     cfg = _load_config(args.ckpt)
     if args.max_len is not None and args.max_len > cfg.max_seq_len:
         raise UsageError(f"--max-len {args.max_len} exceeds the model's context of {cfg.max_seq_len} tokens")
@@ -412,15 +659,31 @@ def _main(args) -> int:
         except ValueError as e:
             raise UsageError(f"--mesh: {e}") from None
 
-    model = _load_model(args, mesh)
+    import jax
+
+    first = jax.process_index() == 0
+    status = _Status(first and not args.quiet)
+    status.chunk, status.stream = args.prefill_chunk, not args.no_stream
+    if ids is not None:
+        args.max_new_tokens = _cap_new_tokens(len(ids), args, cfg, status)
+    dtype = args.dtype or cfg.dtype
+    size = sum(math.prod(shape) for shape, _ in cfg.param_layout().values()) * np_dtype(dtype).itemsize
+    where = f"over a mesh of {mesh.size} devices" if mesh is not None else "on one device"
+    amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    status.line(f"loading {amount} of {dtype} weights from {args.ckpt} {where}")
+    with interrupts.hard():
+        model = _load_model(args, mesh)
     from glm4_jax.api import GLM4Chat
+    from glm4_jax.engine import GenerationError
 
     chat = GLM4Chat(model, tok, mesh=mesh, prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
-    out = _Out(jax.process_index() == 0)
+    chat.generator.on_status = lambda *event: (interrupts.engine(*event), status.engine(*event))
+    out = _Out(first)
     if interactive:
-        _interactive(chat, args, out)
+        _interactive(chat, args, out, status, interrupts)
         return 0
 
+    status.prompt_tokens = len(ids)
     sampling = _sampling(args, chat=chat_mode)
     stop_ids = chat.chat_stop_ids() if chat_mode else None
     try:
@@ -449,4 +712,14 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # One module, whatever imports it later: `import glm4_jax.generate` must not load this file a second time
+    # (its exception classes would then be two different classes).
+    sys.modules.setdefault("glm4_jax.generate", sys.modules[__name__])
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    # Out without the interpreter's shutdown, which can crash while XLA's threads still run after a Ctrl-C.
+    if status == 130:
+        _exit_now(status)
+    sys.exit(status)

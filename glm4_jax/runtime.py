@@ -1,9 +1,9 @@
 """Process-wide XLA settings, applied when `glm4_jax` is imported (before JAX starts its backends).
 
-On GPUs, XLA's default (Triton) GEMM path runs the skinny batch-1 matrix-vector products of decoding at about a
-third of the memory bandwidth that cuBLAS reaches (measured on an H100: 0.93 vs 2.54 TB/s, 18.2 vs 7.2 ms for all of
-GLM-4-9B's weight GEMVs per step), so the cuBLAS path is chosen unless the user's XLA_FLAGS already decide. The flag
-is ignored on CPU and TPU.
+On GPUs, XLA's default (Triton) GEMM path is reported to run the skinny batch-1 matrix-vector products of decoding
+well below the memory bandwidth that cuBLAS reaches, so the cuBLAS path is chosen unless the user's XLA_FLAGS
+already decide. No script here has measured the difference yet (`python -m glm4_jax.bench` on a GPU, with and
+without the flag, would). The flag is ignored on CPU and TPU.
 """
 
 from __future__ import annotations

@@ -16,59 +16,27 @@ Definitions:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
+from glm4_jax.options import CHAT_DEFAULTS, SamplingError, SamplingParams
+
 Array = jax.Array
 
+__all__ = [
+    "CHAT_DEFAULTS",
+    "SamplingError",
+    "SamplingParams",
+    "apply_repetition_penalty",
+    "candidates",
+    "filter_logits",
+    "mask_vocab",
+    "sample",
+    "scaled_logits",
+]
 
-class SamplingError(ValueError):
-    """A sampling setting out of range; `field` names it ("temperature", "top_p", ...)."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field} {message}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off
-
-    def __post_init__(self):
-        # Normalize so that equal settings hash equally (an int 1 and a float 1.0 would compile twice).
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_k", int(self.top_k))
-        object.__setattr__(self, "top_p", float(self.top_p))
-        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
-        self.validate()
-
-    def validate(self) -> None:
-        """Raises SamplingError (a ValueError) naming the offending setting."""
-        if not self.temperature >= 0:  # also catches NaN
-            raise SamplingError("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise SamplingError("top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise SamplingError("top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise SamplingError("repetition_penalty", f"must be > 0 (1 turns it off), got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def uses_penalty(self) -> bool:
-        return self.repetition_penalty != 1.0
-
-
-# The official GLM-4-9B-chat demos sample with temperature 0.8 (0.6 in some) and top_p 0.8.
-CHAT_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.8)
+_MAX_SCALE = float(jnp.finfo(jnp.float32).max)
+TINY_TEMPERATURE = 1e-30  # below it, dividing float32 logits by the temperature may overflow
 
 
 def apply_repetition_penalty(logits: Array, seen: Array, penalty: float) -> Array:
@@ -94,8 +62,20 @@ def scaled_logits(
         if seen is None:
             raise ValueError("a repetition penalty needs the `seen` mask")
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    logits = mask_vocab(logits, n_vocab)
-    return logits / params.temperature if params.temperature > 0 else logits
+    masked = mask_vocab(logits, n_vocab)
+    t = params.temperature
+    if t == 0:
+        return masked
+    # The mask is applied after the division: -inf / inf would be NaN. Below TINY_TEMPERATURE a logit divided by
+    # the temperature could overflow float32 to +inf (and a denormal temperature flushes to 0), so the logits are
+    # shifted by their row maximum first and multiplied by a capped 1 / t: the same distribution, the best ids at
+    # 0 and no NaN. An infinite temperature gives all zeros: a uniform draw over the real ids.
+    if t >= TINY_TEMPERATURE:
+        scaled = logits / t
+    else:
+        best = jnp.max(masked, axis=-1, keepdims=True)
+        scaled = (logits - best) * min(1.0 / t, _MAX_SCALE)
+    return jnp.where(jnp.isneginf(masked), -jnp.inf, scaled)
 
 
 def candidates(

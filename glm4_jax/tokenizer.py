@@ -153,6 +153,9 @@ BUILTIN_TOOLS = {
 _TOOL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 
+TOKENIZER_FILE = "tokenizer.model"
+
+
 class TokenizerError(ValueError):
     """A malformed tokenizer file."""
 
@@ -231,7 +234,7 @@ class Tokenizer:
         """Read `tokenizer.model` (or the `tokenizer.model` inside a checkpoint directory)."""
         path = pathlib.Path(path)
         if path.is_dir():
-            path = path / "tokenizer.model"
+            path = path / TOKENIZER_FILE
         return cls(read_ranks(path), name=f"glm4:{path.name}")
 
     def __repr__(self) -> str:
@@ -333,6 +336,13 @@ class Tokenizer:
 
     @staticmethod
     def parse_tool_call(text: str, tools: Sequence[Mapping[str, Any] | str] | None = None) -> dict[str, Any] | None:
+        """The tool call in a generated reply, or None for ordinary text (see the module function `parse_tool_call`).
+
+        A GLM-4 chat model asked with `tools=` answers a call as the tool's name on the first line and its
+        arguments as a JSON object after it (`get_weather\\n{"city": "Paris"}`), then stops on `<|observation|>`;
+        this returns `{"name": "get_weather", "arguments": {"city": "Paris"}}`. With `tools`, a name that is not
+        one of theirs gives None.
+        """
         return parse_tool_call(text, tools)
 
 
@@ -498,7 +508,7 @@ def parse_tool_call(text: str, tools: Iterable[Mapping[str, Any] | str] | None =
         return None
     try:
         arguments = json.loads(rest)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         return None
     if not isinstance(arguments, dict):
         return None

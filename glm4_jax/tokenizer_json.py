@@ -27,8 +27,10 @@ from glm4_jax import chat0414
 from glm4_jax.tokenizer import (
     CHAT_STOP_TOKENS,
     PROMPT_PREFIX,
+    TOKENIZER_FILE,
     TOOLS_SYSTEM_PROMPT,
     StreamDecoder,
+    Tokenizer,
     TokenizerError,
     _chat_pieces,
     parse_tool_call,
@@ -195,3 +197,16 @@ class JsonTokenizer:
     @staticmethod
     def parse_tool_call(text: str, tools: Sequence[Mapping[str, Any] | str] | None = None) -> dict[str, Any] | None:
         return parse_tool_call(text, tools)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of the checkpoint directory `path`, or None when it has none: a `Tokenizer` of its
+    tokenizer.model (GLM-4-9B), else a `JsonTokenizer` of its tokenizer.json (GLM-4-0414).
+
+    Raises OSError or `TokenizerError` for a file that cannot be read.
+    """
+    if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+        return Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
+    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
+        return JsonTokenizer.from_dir(path)
+    return None

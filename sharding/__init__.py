@@ -9,7 +9,8 @@ also importable from the top level:
     mesh = make_mesh("tensor=4,sequence=2")
     glm4_jax.shard_model(model, mesh)
 
-The planner (`glm4_jax.sharding.plan`, also `python -m glm4_jax.sharding.plan`) is imported on first use.
+The rules and the planner (`glm4_jax.sharding.plan`, also `python -m glm4_jax.sharding.plan`) are imported on
+first use, so that importing the package does not start JAX.
 """
 
 from .mesh import (
@@ -21,16 +22,6 @@ from .mesh import (
     mesh_str,
     parse_mesh_spec,
     tpu_vm_host_count,
-)
-from .rules import (
-    LOGITS_AXES,
-    RULES,
-    TOKENS_AXES,
-    ShardingError,
-    check_axes,
-    constrain,
-    logical_to_spec,
-    named_sharding,
 )
 
 __all__ = [
@@ -56,10 +47,31 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # Lazy, so that `python -m glm4_jax.sharding.plan` does not import the module twice.
-    if name in ("plan_memory", "MemoryPlan", "DEVICES"):
-        from glm4_jax.sharding import plan
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "LOGITS_AXES",
+            "RULES",
+            "TOKENS_AXES",
+            "ShardingError",
+            "check_axes",
+            "constrain",
+            "logical_to_spec",
+            "named_sharding",
+        ),
+        "glm4_jax.sharding.rules",
+    ),
+    **dict.fromkeys(("plan_memory", "MemoryPlan", "DEVICES"), "glm4_jax.sharding.plan"),
+}
 
-        return getattr(plan, name)
+
+def __getattr__(name):
+    # Lazy: `mesh` needs no JAX until a mesh is made, so the command lines check a --mesh spec before JAX starts;
+    # the rules import JAX; and `python -m glm4_jax.sharding.plan` must not import the planner twice.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'glm4_jax.sharding' has no attribute {name!r}")

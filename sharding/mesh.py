@@ -15,9 +15,11 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import jax
-from jax.sharding import AbstractMesh, AxisType, Mesh
+if TYPE_CHECKING:  # JAX is imported by the functions that need it, so that CLIs can check a spec without it
+    import jax
+    from jax.sharding import AbstractMesh, Mesh
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -26,10 +28,11 @@ MeshSpec = str | Mapping[str, int]
 _ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
 
 
-def parse_mesh_spec(spec: MeshSpec | None, n_devices: int | None = None) -> dict[str, int]:
+def parse_mesh_spec(spec: MeshSpec | None, n_devices: int | None = None, *, keep_rest: bool = False) -> dict[str, int]:
     """Axis sizes from "data=1,fsdp=2,tensor=4,sequence=1" or a dict, in `MESH_AXES` order.
 
-    Missing axes are 1. One axis may be -1: it takes the devices the others leave, which needs `n_devices`. When
+    Missing axes are 1. One axis may be -1: it takes the devices the others leave, which needs `n_devices` (with
+    `keep_rest` and no `n_devices` the -1 stays, for checking a spec before the devices are known). When
     `n_devices` is given the sizes must multiply to it exactly. Raises ValueError with the reason otherwise.
     """
     if spec is None:
@@ -67,6 +70,8 @@ def parse_mesh_spec(spec: MeshSpec | None, n_devices: int | None = None) -> dict
     if len(rest) > 1:
         raise ValueError(f"mesh spec {_show(sizes)}: only one axis may be -1, got {', '.join(rest)}")
     if rest:
+        if n_devices is None and keep_rest:
+            return sizes
         if n_devices is None:
             raise ValueError(f"mesh spec {_show(sizes)}: -1 needs the number of devices")
         if n_devices % known:
@@ -88,6 +93,9 @@ def make_mesh(spec: MeshSpec | None = None, *, devices: Sequence[jax.Device] | N
     The axes are `AxisType.Auto`: the model code carries no sharding annotations, the parameters, cache and
     inputs come in with `NamedSharding`s and XLA propagates them through the forward pass.
     """
+    import jax
+    from jax.sharding import AxisType
+
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
@@ -96,6 +104,8 @@ def make_mesh(spec: MeshSpec | None = None, *, devices: Sequence[jax.Device] | N
 
 def abstract_mesh(spec: MeshSpec | None, n_devices: int | None = None) -> AbstractMesh:
     """A mesh of the given sizes without devices: enough for `NamedSharding.shard_shape` (the memory planner)."""
+    from jax.sharding import AbstractMesh, AxisType
+
     sizes = parse_mesh_spec(spec, n_devices)
     return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -167,6 +177,8 @@ def initialize_distributed(enable: bool | None = None, **kwargs) -> bool:
       whether the distributed system is initialized when it returns. Must run before any JAX computation; a
       second call is a no-op.
     """
+    import jax
+
     if jax.distributed.is_initialized():
         return True
     if enable is False:

@@ -22,10 +22,9 @@ import json
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
-from jax.sharding import AbstractMesh, Mesh
 
 from glm4_jax.config import (
     DEFAULT_GROUP_SIZE,
@@ -39,8 +38,12 @@ from glm4_jax.config import (
 )
 from glm4_jax.config import PRESETS as CONFIG_PRESETS
 
-from .mesh import MESH_AXES, MeshSpec, abstract_mesh, mesh_sizes, mesh_str
-from .rules import Rules, ShardingError, named_sharding
+from .mesh import MESH_AXES, MeshSpec, abstract_mesh, mesh_sizes, mesh_str, parse_mesh_spec
+
+if TYPE_CHECKING:  # the rules import JAX; the command line checks its arguments before that
+    from jax.sharding import AbstractMesh, Mesh
+
+    from .rules import Rules
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -113,6 +116,8 @@ class MemoryPlan:
 
 
 def _as_mesh(mesh: Mesh | AbstractMesh | MeshSpec | None, n_devices: int | None) -> Mesh | AbstractMesh:
+    from jax.sharding import AbstractMesh, Mesh
+
     if isinstance(mesh, (Mesh, AbstractMesh)):
         return mesh
     return abstract_mesh(mesh, n_devices)
@@ -163,13 +168,12 @@ def plan_memory(
       ShardingError when the mesh cannot hold the model (a big weight it cannot divide); ValueError for a bad mesh
       spec or device name.
     """
+    from .rules import named_sharding
+
     mesh = _as_mesh(mesh, n_devices)
     sizes = mesh_sizes(mesh)
     max_len = cfg.max_seq_len if max_len is None else max_len
-    if device is not None and device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom is a fraction in [0, 1), got {headroom}")
+    _check_settings(device, headroom)
 
     arrays = []
     for path, (shape, axes, dtype) in sorted(cfg.stored_layout().items()):
@@ -204,6 +208,13 @@ def plan_memory(
     )
     plan.notes = _notes(cfg, plan)
     return plan
+
+
+def _check_settings(device: str | None, headroom: float) -> None:
+    if device is not None and device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom is a fraction in [0, 1), got {headroom}")
 
 
 def _notes(cfg: Config, plan: MemoryPlan) -> list[str]:
@@ -275,7 +286,7 @@ def format_plan(plan: MemoryPlan) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [
         f"{plan.model}: batch {plan.batch} x {plan.max_len:,} slots on mesh {mesh_str(plan.mesh)} "
-        f"({plan.n_devices} devices)",
+        f"({plan.n_devices} device{'' if plan.n_devices == 1 else 's'})",
         "",
     ]
     for i, r in enumerate(rows):
@@ -310,9 +321,12 @@ def _load_config(args) -> tuple[Config, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Returns 0 when the plan fits (or no device is given), 1 when it does not fit, 2 on bad
+    input (one `error: ...` line)."""
     p = argparse.ArgumentParser(
         prog="python -m glm4_jax.sharding.plan",
-        description="Per-device memory of GLM-4's weights and KV cache on a device mesh.",
+        description="Per-device memory of GLM-4's weights and KV cache on a device mesh. Exit status: 0 when it "
+        "fits (or no --device is given), 1 when it does not fit, 2 on bad input.",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="glm-4-9b-chat", choices=sorted(CONFIG_PRESETS))
@@ -333,11 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     try:
+        # Everything the arguments alone decide is checked before the rules (and JAX) are imported.
         cfg, name = _load_config(args)
         if args.dtype:
             cfg = cfg.replace(dtype=args.dtype)
         if args.quantize:
             cfg = cfg.replace(quant=args.quantize, group_size=args.group_size)
+        parse_mesh_spec(args.mesh, args.devices)
+        _check_settings(args.device, args.headroom)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .rules import ShardingError
+
+    try:
         plan = plan_memory(
             cfg,
             args.mesh,
@@ -357,11 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         print(format_plan(plan))
-    return 0
+    return 1 if plan.fits is False else 0
 
 
 if __name__ == "__main__":
     # The planner needs no accelerator: keep JAX on the CPU so it never claims a TPU or GPU another job uses.
-    if "JAX_PLATFORMS" not in os.environ:
-        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.exit(main())

@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -451,7 +453,7 @@ def test_src_not_a_directory(tmp_path, capsys):
 
 def test_existing_dst_and_force(thudm_src, tmp_path, capsys):
     dst = tmp_path / "dst"
-    dst.mkdir()
+    convert(thudm_src, dst)  # an existing glm4-jax checkpoint: what --force may replace
     (dst / "keep.txt").write_text("old")
     fails(capsys, thudm_src, dst, needles=[str(dst), "--force"])
     assert (dst / "keep.txt").read_text() == "old"
@@ -466,6 +468,138 @@ def test_existing_dst_and_force(thudm_src, tmp_path, capsys):
     convert(good, dst, "--force")
     assert not (dst / "keep.txt").exists() and (dst / "manifest.json").is_file()
     assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_only_our_checkpoints(thudm_src, tmp_path, capsys, monkeypatch):
+    """--force never deletes what is not a glm4-jax checkpoint (or an empty directory), nor the current or home
+    directory, nor SRC or what holds it; and --force is suggested only where it would work."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    msg = fails(capsys, thudm_src, notes, needles=[str(notes), "not a glm4-jax checkpoint", "choose another DST"])
+    assert "use --force" not in msg
+    fails(capsys, thudm_src, notes, "--force", needles=[str(notes), "not a glm4-jax checkpoint"])
+    assert (notes / "notes.txt").read_text() == "mine"
+
+    # SRC SRC and an ancestor of SRC: the overlap is named, --force is not suggested.
+    outer = tmp_path / "outer"
+    src = outer / "src"
+    shutil.copytree(thudm_src, src)
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, outer):
+        for extra in ((), ("--force",)):
+            msg = fails(capsys, src, dst, *extra, needles=[str(dst), "outside SRC"])
+            assert "use --force" not in msg
+    assert sorted(p.name for p in src.iterdir()) == before
+
+    # The current directory (also as '' or '.') and the home directory.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "code.py").write_text("x = 1")
+    monkeypatch.chdir(work)
+    for dst in (".", "", str(work)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([str(thudm_src), dst, "--quiet", "--force"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and "current directory" in err, err
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main([str(thudm_src), str(work), "--quiet", "--force"])
+    assert "home directory" in capsys.readouterr().err
+    assert (work / "code.py").read_text() == "x = 1"
+
+    # An empty directory is replaced with --force.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert(thudm_src, empty, "--force")
+    assert leftovers(tmp_path) == []
+
+
+def test_dst_claimed_at_the_start(thudm_src, tmp_path, capsys, monkeypatch):
+    """A new DST is created at once, so a second conversion into it fails from the start; what a user puts into it
+    during the conversion is never replaced."""
+    dst = tmp_path / "dst"
+    real = table.read_block
+    seen = []
+    once = threading.Lock()  # the writer reads from several threads
+
+    def read_and_meddle(*args, **kw):
+        with once:
+            if not seen:
+                seen.append(dst.is_dir() and not any(dst.iterdir()))  # claimed: an empty directory
+                cmd = [sys.executable, "-m", "glm4_jax.convert", str(thudm_src), str(dst), "-q"]
+                second = subprocess.run(cmd, capture_output=True, text=True)
+                seen.append((second.returncode, second.stderr))
+                (dst / "notes.txt").write_text("mine")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(table, "read_block", read_and_meddle)
+    fails(capsys, thudm_src, dst, needles=[str(dst), "something was put there"])
+    assert seen[0] is True
+    rc, err = seen[1]
+    assert rc == 2 and err.startswith("error: ") and "already exists" in err, err
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
+    assert (dst / "notes.txt").read_text() == "mine"
+
+
+def test_stale_temporaries_are_named_and_removed(thudm_src, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    convert(thudm_src, dst)
+    stale = tmp_path / ".dst.tmp-0badf00d"
+    (stale / "params").mkdir(parents=True)
+    moved = tmp_path / ".dst.old-0badf00d"
+    moved.mkdir()
+    (moved / "manifest.json").write_text("{}")
+    capsys.readouterr()
+    main([str(thudm_src), str(dst), "--quiet", "--force"])
+    err = capsys.readouterr().err
+    assert f"removed {stale}" in err and f"removed {moved}" in err, err
+    assert leftovers(tmp_path) == [] and (dst / "manifest.json").is_file()
+    # With DST missing, an old copy moved aside is the only one left: named, kept, and how to put it back.
+    moved.mkdir()
+    main([str(thudm_src), str(tmp_path / "other"), "--quiet"])
+    assert capsys.readouterr().err.count("note:") == 0  # another DST's temporaries are not its business
+    out = tmp_path / "gone"
+    old = tmp_path / ".gone.old-12345678"
+    old.mkdir()
+    main([str(thudm_src), str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert f"{old} holds the checkpoint" in err and "mv" in err and old.is_dir(), err
+
+
+def test_disk_full_midway_names_the_path(thudm_src, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real = checkpoint.write_all
+    calls = []
+
+    def fill_up(fd, data, path):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")  # os.write names no file
+        return real(fd, data, path)
+
+    monkeypatch.setattr(checkpoint, "write_all", fill_up)
+    monkeypatch.setattr(table, "copy_range", lambda *a, **k: False)  # every chunk through write_all
+    dst = tmp_path / "dst"
+    fails(capsys, thudm_src, dst, needles=[str(dst), "no space left", str(tmp_path)])
+    assert not dst.exists() and len(calls) >= 3
+
+
+def test_tokenizer_links_out_of_src_refused_and_modes_kept(thudm_src, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for DST")
+    (thudm_src / "tokenizer_config.json").unlink(missing_ok=True)
+    (thudm_src / "tokenizer_config.json").symlink_to(secret)
+    fails(capsys, thudm_src, tmp_path / "dst", needles=["tokenizer_config.json", "outside SRC", str(secret)])
+    assert not (tmp_path / "dst").exists()
+    (thudm_src / "tokenizer_config.json").unlink()
+    (thudm_src / "tokenizer_config.json").write_text("{}")
+    os.chmod(thudm_src / "tokenizer_config.json", 0o600)
+    convert(thudm_src, tmp_path / "dst")
+    assert (os.stat(tmp_path / "dst" / "tokenizer_config.json").st_mode & 0o777) & ~0o600 == 0
 
 
 def test_not_enough_disk_space(thudm_src, tmp_path, capsys, monkeypatch):

@@ -8,23 +8,29 @@ import sys
 from conftest import REPO
 
 
-def _demo(*args):
+def _demo(*args, tmpdir=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device, as a user would run it
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.run(
         [sys.executable, "-m", "glm4_jax.demo", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )
 
 
-def test_demo_runs_and_cleans_up():
-    proc = _demo()
+def test_demo_runs_and_cleans_up(tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = _demo(tmpdir=tmpdir)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for needle in ("[1/3]", "[2/3]", "[3/3]", "assistant> ", "raw prompt", "python -m glm4_jax.convert", "--ckpt"):
         assert needle in out
     assert "Traceback" not in proc.stderr
-    tmp = re.search(r"to (\S+)/thudm", out).group(1)
-    assert not os.path.exists(tmp)  # the temporary directory is removed
+    assert "a temporary directory (removed at the end" in out
+    assert list(tmpdir.iterdir()) == []  # the temporary directory is removed
+    assert str(tmpdir) not in out + proc.stderr  # and no path that no longer exists is printed
+    assert not re.search(r"glm4-jax-demo-", out)
 
 
 def test_demo_out_keeps_a_loadable_checkpoint(tmp_path, capsys):

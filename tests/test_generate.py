@@ -461,3 +461,181 @@ def test_api_chat_generate_stream(ckpt_dirs):
     assert len(batch.texts) == 2 and batch.prompt_tokens == [len(tok.encode_prompt(t)) for t in ("ab", "hello world")]
     streamed = "".join(chat.stream("hello world", max_new_tokens=6))
     assert streamed == batch.texts[1] and chat.last_result.ids[0] == batch.ids[1]
+
+
+# ---- the user's path: fast argument errors, status lines, signals, pipes --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("glm4_jax.generate", ["--help"]),
+        ("glm4_jax.generate", ["--ckpt", "x", "--prompt", "hi", "--top-p", "2"]),
+        ("glm4_jax.generate", ["--ckpt", "x", "--prompt", "hi", "--seed", str(2**70)]),
+        ("glm4_jax.generate", ["--ckpt", "x", "--prompt", "hi", "--mesh", "tensor=x"]),
+        ("glm4_jax.generate", ["--ckpt", "x", "--prompt", "hi", "--coordinator", "h:1"]),
+        ("glm4_jax.convert.__main__", ["--help"]),
+        ("glm4_jax.convert.__main__", ["only-one"]),
+        ("glm4_jax.bench", ["--help"]),
+        ("glm4_jax.bench", ["--random", "tiny", "--new-tokens", "1"]),
+        ("glm4_jax.sharding.plan", ["--help"]),
+        ("glm4_jax.sharding.plan", ["--mesh", "tensor=x"]),
+    ],
+)
+def test_cli_checks_arguments_before_importing_jax(module, argv):
+    """--help and a bad argument answer without importing JAX (so in a fraction of a second)."""
+    code = (
+        f"import sys\nfrom {module} import main\n"
+        f"try:\n    rc = main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
+        "print('RC', rc, 'JAX', 'jax' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    last = proc.stdout.strip().splitlines()[-1]
+    want_rc = "0" if argv == ["--help"] else "2"
+    assert last == f"RC {want_rc} JAX False", (last, proc.stderr)
+    if want_rc == "2":
+        assert proc.stderr.startswith("error: ") or "error:" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_cli_status_lines_on_stderr_quiet_and_json(ckpt_dirs):
+    _, ck = ckpt_dirs
+    proc = _run(["--ckpt", str(ck), "--chat", "Hi", "--max-new-tokens", "3"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("loading ") and "MB of float32 weights" in lines[0] and str(ck) in lines[0]
+    assert any(line.startswith("prefilling ") and "tokens" in line for line in lines)
+    assert any(line.startswith("compiling the prefill") for line in lines)
+    assert any(line == "compiling the decode step" for line in lines)
+    assert "loading" not in proc.stdout and "compiling" not in proc.stdout
+    quiet = _run(["--ckpt", str(ck), "--chat", "Hi", "--max-new-tokens", "3", "-q", "--json"])
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    record = json.loads(quiet.stdout.splitlines()[-1])  # stdout: the text, then the JSON line
+    assert record["new_tokens"] <= 3
+
+
+def test_cli_max_new_tokens_capped_by_the_cache_and_huge_seed(capsys, ckpt_dirs):
+    plain, _ = ckpt_dirs
+    assert main(["--ckpt", str(plain), "--prompt-ids", "5,6,7,8", "--max-new-tokens", str(10**30), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --max-new-tokens 1000000000000000000000000000000 lowered to 61" in err, err
+    record = json.loads(out.splitlines()[-1])
+    assert record["new_tokens"] <= 61 and record["max_len"] <= SMALL_CTX.max_seq_len
+    msg = _cli_error(capsys, ["--ckpt", str(plain), "--prompt-ids", "5", "--seed", str(2**64)])
+    assert "--seed" in msg and str(2**64) in msg
+    msg = _cli_error(capsys, ["--ckpt", str(plain), "--prompt-ids", "5", "--coordinator", "h:1"])
+    assert "--distributed" in msg
+
+
+def test_cli_temperature_inf_never_samples_padding(capsys, ckpt_dirs):
+    _, ck = ckpt_dirs  # 270 token ids, 384 embedding rows
+    for t in ("inf", "1e-320"):
+        argv = ["--ckpt", str(ck), "--prompt-ids", "5,6,7", "--temperature", t, "--max-new-tokens", "40", "--json"]
+        assert main([*argv, "--top-k", "50"]) == 0
+        ids = json.loads(capsys.readouterr().out.splitlines()[-1])["ids"]
+        assert ids and max(ids) < 270, (t, ids)
+
+
+def test_cli_interactive_help_and_ctrl_c_keeps_history(capsys, monkeypatch, ckpt_dirs):
+    from glm4_jax.api import GLM4Chat
+    from glm4_jax.tokenizer import Tokenizer
+
+    _, ck = ckpt_dirs
+    seen = []
+    real_template = Tokenizer.apply_chat_template
+
+    def record(self, messages, *a, **kw):
+        seen.append([dict(m) for m in messages])
+        return real_template(self, messages, *a, **kw)
+
+    real_stream = GLM4Chat.stream_text
+    calls = []
+
+    def stop_first_reply(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:  # Ctrl-C in the middle of the first reply
+            yield "par"
+            raise KeyboardInterrupt
+        yield from real_stream(self, *a, **kw)
+
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", record)
+    monkeypatch.setattr(GLM4Chat, "stream_text", stop_first_reply)
+    lines = iter(["/help", "Hi", "Again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    assert main(["--ckpt", str(ck), "--max-new-tokens", "3", "--temperature", "0", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "/reset" in out and "Ctrl-C stops the reply" in out  # /help printed the commands ...
+    assert all(m["content"] != "/help" for msgs in seen for m in msgs)  # ... and was never sent to the model
+    assert "(stopped)" in out
+    assert seen[-1] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "par"},  # the part written before Ctrl-C stays in the history
+        {"role": "user", "content": "Again"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    from glm4_jax.fixtures import build_demo_checkpoint
+
+    return build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo")
+
+
+def _popen(args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "glm4_jax.generate", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["compiling", "streaming"])
+def test_cli_ctrl_c_exits_130_within_a_second(demo_ckpt, when):
+    import signal
+    import threading
+    import time
+
+    proc = _popen(["--ckpt", str(demo_ckpt), "--prompt", "Hi", "--temperature", "1", "--max-new-tokens", "1000"])
+    got = {"out": b"", "err": b""}
+
+    def pump(stream, key):
+        while chunk := stream.read1(4096):
+            got[key] += chunk
+
+    threads = [
+        threading.Thread(target=pump, args=(s, k), daemon=True) for s, k in ((proc.stdout, "out"), (proc.stderr, "err"))
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 240
+    ready = (lambda: b"compiling" in got["err"]) if when == "compiling" else (lambda: len(got["out"]) > 0)
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, got["err"].decode(errors="replace")  # still running: the signal lands mid-phase
+    kept = len(got["out"])
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=10)
+    elapsed = time.monotonic() - t0
+    for t in threads:
+        t.join(timeout=5)
+    print(f"{when}: exit {rc} {elapsed:.2f} s after SIGINT, {kept} bytes of text before it")
+    assert rc == 130 and elapsed < 1.0, (rc, elapsed, got["err"][-500:])
+    assert b"Traceback" not in got["err"] and b"Segmentation" not in got["err"]
+    assert len(got["out"]) >= kept  # the text printed so far stays
+    if when == "streaming":
+        assert kept > 0
+
+
+@pytest.mark.slow
+def test_cli_broken_pipe_ends_quietly(demo_ckpt):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    cmd = (
+        f"'{sys.executable}' -m glm4_jax.generate --ckpt '{demo_ckpt}' --prompt Hi --temperature 1 "
+        '--max-new-tokens 300 -q | head -c 10 > /dev/null; echo "status ${PIPESTATUS[0]}"'
+    )
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.stdout.strip() == "status 141", (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

@@ -180,3 +180,18 @@ def test_invalid_params(kw, match):
 def test_params_hash_equal_when_equal():
     assert hash(SamplingParams(temperature=1, top_p=1)) == hash(SamplingParams(temperature=1.0, top_p=1.0))
     assert SamplingParams(temperature=0.8, top_p=0.8) == CHAT_DEFAULTS
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), 1e308, 1e-30, 1e-38, 1e-45, 5e-324, 1.0])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.5), (40, 0.9), (8, 0.999)])
+def test_padded_ids_never_sampled_at_any_temperature(temperature, top_k, top_p):
+    # ids 5.. are padding rows with the largest logits; a NaN anywhere would let argmax pick one of them.
+    logits = jnp.asarray([[1.0, -3.0, 2.0, 0.5, -1.0, 50.0, 60.0, 70.0], [-5.0, -6.0, -7.0, -8.0, -9.0, 9.0, 9.0, 9.0]])
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    keys = jax.random.split(jax.random.key(0), 64)
+    toks = np.asarray(jax.vmap(lambda k: sample(logits, k, params, n_vocab=5))(keys))
+    assert toks.max() < 5, (temperature, top_k, top_p, toks.max())
+    vals = np.asarray(filter_logits(logits, params, n_vocab=5))
+    assert not np.isnan(vals).any() and np.isneginf(vals[:, 5:]).all()
+    if temperature < 1e-20:  # a near-zero temperature is greedy
+        assert set(toks[:, 0].tolist()) == {2} and set(toks[:, 1].tolist()) == {0}

@@ -416,6 +416,20 @@ def test_planner_cli(capsys):
     assert json.loads(capsys.readouterr().out)["mesh"]["tensor"] == 4
 
 
+def test_planner_cli_exit_status_and_wording(capsys):
+    # Does not fit: exit status 1, so scripts can test it; one device is "1 device".
+    assert planner.main(["--preset", "glm-4-9b-chat", "--max-len", "131072", "--device", "v5e"]) == 1
+    text = capsys.readouterr().out
+    assert "DOES NOT FIT" in text and "(1 device)" in text and "(1 devices)" not in text
+    assert planner.main(["--preset", "glm-4-9b-chat", "--max-len", "131072", "--device", "v5e", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+    assert planner.main(["--preset", "glm-4-9b-chat", "--mesh", "tensor=2", "--device", "h100"]) == 0
+    assert "(2 devices)" in capsys.readouterr().out
+    assert planner.main(["--preset", "glm-4-9b-chat"]) == 0  # no device: no verdict
+    assert planner.main(["--mesh", "tensor=x"]) == 2
+    assert capsys.readouterr().err.startswith("error: mesh spec")
+
+
 # ---- multi-host and constraints -------------------------------------------------------------------------------
 
 

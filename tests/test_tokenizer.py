@@ -640,3 +640,13 @@ def test_synthetic_tokenizer_rejects_too_many_merges(tmp_path: pathlib.Path) -> 
         write_synthetic_tokenizer(tmp_path / "x.model", n_merges=100_000)
     with pytest.raises(ValueError, match="n_merges must be >= 0"):
         write_synthetic_tokenizer(tmp_path / "x.model", n_merges=-1)
+
+
+def test_parse_tool_call_deeply_nested_is_text_not_recursion_error():
+    from glm4_jax.tokenizer import parse_tool_call
+
+    deep = "get_weather\n" + '{"a": ' * 100_000 + "1" + "}" * 100_000
+    assert parse_tool_call(deep) is None
+    assert parse_tool_call("get_weather\n" + "[" * 100_000) is None
+    assert parse_tool_call('get_weather\n{"city": "Paris"}') == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert Tokenizer.parse_tool_call.__doc__ and "tools=" in Tokenizer.parse_tool_call.__doc__

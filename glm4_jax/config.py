@@ -32,6 +32,8 @@ CACHE_AXES: dict[str, tuple[str, ...]] = {
     "pos": ("batch", "cache_seq"),
     "end": (),
 }
+# The cache of the continuous-batching engine (glm4_jax.batching): each row has its own next slot.
+ROW_CACHE_AXES: dict[str, tuple[str, ...]] = {**CACHE_AXES, "end": ("batch",)}
 
 
 def np_dtype(name: str):
@@ -122,14 +124,18 @@ class Config:
         }
         return layout
 
-    def cache_layout(self, batch: int, max_len: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    def cache_layout(
+        self, batch: int, max_len: int, *, per_row: bool = False
+    ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
         """Every field of a KV cache of `batch` rows and `max_len` slots: name -> (shape, logical axis names).
 
-        k and v hold `dtype` (the config's by default), pos and end int32 (see glm4_jax.model.KVCache).
+        k and v hold `dtype` (the config's by default), pos and end int32 (see glm4_jax.model.KVCache). `end` is
+        one slot index for the batch, or with `per_row` one per row ([batch], the continuous-batching cache).
         """
         kv = (self.num_layers, batch, max_len, self.num_kv_heads, self.head_dim)
-        shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "end": ()}
-        return {name: (shapes[name], axes) for name, axes in CACHE_AXES.items()}
+        shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "end": (batch,) if per_row else ()}
+        axes = ROW_CACHE_AXES if per_row else CACHE_AXES
+        return {name: (shapes[name], axes[name]) for name in axes}
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

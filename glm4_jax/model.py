@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm4_jax import attention, kernels
-from glm4_jax.config import CACHE_AXES, Config
+from glm4_jax.config import CACHE_AXES, ROW_CACHE_AXES, Config
 from glm4_jax.paths import unflatten
 from glm4_jax.sharding.rules import constrain
 
@@ -76,20 +76,24 @@ class Layers(nnx.Module):
 class KVCache:
     """Keys (already rotated) and values of every layer, plus the position held in each slot.
 
-    All rows of a batch are written at the same slots (prompts are left-padded), so one `end` serves the batch.
+    In a static batch all rows are written at the same slots (prompts are left-padded), so one `end` [] serves the
+    batch. In the continuous-batching engine (glm4_jax.batching) every row is a request of its own and `end` is
+    [B]: row b writes at its own slots [end[b], end[b] + T).
     """
 
     k: Array  # [L, B, S, K, H]
     v: Array  # [L, B, S, K, H]
     pos: Array  # [B, S] int32: the position of the token in each slot; -1 for empty slots and padding
-    end: Array  # [] int32: the next slot to write
+    end: Array  # [] or [B] int32: the next slot to write (of the batch, or of each row)
 
-    AXES = CACHE_AXES  # the logical axes of each field (glm4_jax.config)
+    AXES = CACHE_AXES  # the logical axes of each field (glm4_jax.config); ROW_AXES with a per-row `end`
+    ROW_AXES = ROW_CACHE_AXES
 
     @classmethod
-    def init(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty cache: shapes from `cfg.cache_layout(batch, max_len)`, k and v in `dtype` (default cfg.dtype)."""
-        shapes = {name: shape for name, (shape, _) in cfg.cache_layout(batch, max_len).items()}
+    def init(cls, cfg: Config, batch: int, max_len: int, dtype=None, *, per_row: bool = False) -> KVCache:
+        """An empty cache: shapes from `cfg.cache_layout(batch, max_len, per_row=)`, k and v in `dtype` (default
+        cfg.dtype)."""
+        shapes = {name: shape for name, (shape, _) in cfg.cache_layout(batch, max_len, per_row=per_row).items()}
         dt = jnp.dtype(dtype or cfg.dtype)
         return cls(
             k=jnp.zeros(shapes["k"], dt),
@@ -160,7 +164,8 @@ class GLM4(nnx.Module):
         Args:
           tokens: [B, T] int token ids.
           positions: [B, T] int positions; negative for (left) padding.
-          cache: the KV cache to append to at slots [cache.end, cache.end + T), or None for a plain forward pass.
+          cache: the KV cache to append to at slots [cache.end, cache.end + T) (per row when `end` is [B]), or None
+            for a plain forward pass.
           logits: "all" for every position, "last" for the last position only (prefill before sampling).
         Returns:
           (logits [B, T or 1, V] in float32, the updated cache or None).
@@ -179,8 +184,8 @@ class GLM4(nnx.Module):
 
             h, _ = jax.lax.scan(step, h, layer_params)
         else:
-            start = cache.end
-            k_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, start))  # [B, S]
+            start = cache.end  # [] or [B]
+            k_pos = kernels.write_rows(cache.pos, positions, start)  # [B, S]
 
             def step(carry, p):
                 h, ck, cv, i = carry

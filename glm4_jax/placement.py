@@ -38,19 +38,26 @@ def param_shardings(model: GLM4, mesh: Mesh | AbstractMesh, rules: Rules | None 
     return map_with_path(lambda path, x: named_sharding(mesh, axes[path], x.shape, rules, path), param_tree(model))
 
 
-def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
+def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None, *, per_row: bool = False) -> KVCache:
     """`KVCache` of ShapeDtypeStructs, without allocating."""
-    return jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dtype))
+    return jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dtype, per_row=per_row))
 
 
 def cache_shardings(
-    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, rules: Rules | None = None
+    cfg: Config,
+    mesh: Mesh | AbstractMesh,
+    batch: int,
+    max_len: int,
+    rules: Rules | None = None,
+    *,
+    per_row: bool = False,
 ) -> KVCache:
     """A `KVCache` of the `NamedSharding`s of a cache with `batch` rows and `max_len` slots: rows on `data` (and
-    `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them."""
-    shapes = abstract_cache(cfg, batch, max_len)
+    `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them. `per_row`: the
+    cache of the continuous-batching engine (`end` [batch])."""
+    shapes = abstract_cache(cfg, batch, max_len, per_row=per_row)
     fields = {}
-    for field, axes in KVCache.AXES.items():
+    for field, axes in (KVCache.ROW_AXES if per_row else KVCache.AXES).items():
         fields[field] = named_sharding(mesh, axes, getattr(shapes, field).shape, rules, f"cache/{field}")
     return KVCache(**fields)
 
@@ -88,10 +95,20 @@ def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | No
     return nnx.merge(graphdef, params)
 
 
-def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None) -> KVCache:
+def init_cache(
+    cfg: Config,
+    mesh: Mesh,
+    batch: int,
+    max_len: int,
+    dtype=None,
+    rules: Rules | None = None,
+    *,
+    per_row: bool = False,
+) -> KVCache:
     """An empty `KVCache`, created directly in its shards."""
-    shardings = cache_shardings(cfg, mesh, batch, max_len, rules)
-    return jax.jit(lambda: KVCache.init(cfg, batch, max_len, dtype), out_shardings=shardings)()
+    shardings = cache_shardings(cfg, mesh, batch, max_len, rules, per_row=per_row)
+    init = functools.partial(KVCache.init, cfg, batch, max_len, dtype, per_row=per_row)
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def jit_forward(

@@ -323,10 +323,12 @@ class Generator:
         with self._mesh_context():
             return compiled(*args)
 
-    def _compiled(self, name: str, static, fn: Callable, donate: tuple[int, ...], *args):
+    def _compiled(self, name: str, static, fn: Callable, donate: tuple[int, ...], *args, out_shardings=None):
         """jit(fn) compiled ahead of time for these arguments, once per model structure, argument shapes and
         shardings, and `static`. The cache is shared by all Generators (`clear_compiled`), so a new Generator (a
-        new GLM4Chat in a notebook, a second CLI call in-process) of the same model reuses the executables."""
+        new GLM4Chat in a notebook, a second CLI call in-process) of the same model reuses the executables.
+        `out_shardings` (the engine's, so that a state fed back keeps its shardings) must follow from `static`
+        and the arguments."""
         sig = tuple(
             (x.shape, str(x.dtype), getattr(x, "sharding", None))
             for a in args
@@ -338,7 +340,9 @@ class Generator:
         if compiled is None:
             t = time.perf_counter()
             with self._mesh_context():
-                compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                extra = {} if out_shardings is None else {"out_shardings": out_shardings}
+                jitted = jax.jit(fn, donate_argnums=donate, **extra)
+                compiled = jitted.lower(*args).compile()
             self._compile_s += time.perf_counter() - t
             _COMPILED[key] = compiled
             self._keys.add(key)

@@ -156,20 +156,21 @@ def _insert(
     """Puts a prefilled request into row `slot` of the slots (donated) and chooses its first token.
 
     Args:
-      pcache: the request's cache (batch 1, the slots' length, a batch-wide `end`).
-      logits: [1, V] the prefill's last logits.
+      pcache: the request's cache (row 0 of P rows, the slots' length, a batch-wide `end`).
+      logits: [P, V] the prefill's last logits (row 0 is the request's).
       slot, length, budget: [] int32: the row, the prompt's length (the next position), the token budget.
       key: [1] the request's PRNG key; sampling: [1] arrays; stops [1, MAX_STOP_IDS]; seen [1, V] (the prompt).
     Returns:
       (slots, first token [] int32, finished [] bool).
     """
     zero = jnp.zeros((1,), jnp.int32)
-    tok, hit, seen = pick(logits, key, zero, sampling, n_vocab, seen, stops)
+    k, v, pos = pcache.k[:, :1], pcache.v[:, :1], pcache.pos[:1]  # [L, 1, S, K, H], [1, S]
+    tok, hit, seen = pick(logits[:1], key, zero, sampling, n_vocab, seen, stops)
     finished = hit[0] | (budget <= 1)
     cache = KVCache(
-        k=_set_row(s.cache.k, pcache.k, slot, axis=1),
-        v=_set_row(s.cache.v, pcache.v, slot, axis=1),
-        pos=_set_row(s.cache.pos, pcache.pos, slot),
+        k=_set_row(s.cache.k, k, slot, axis=1),
+        v=_set_row(s.cache.v, v, slot, axis=1),
+        pos=_set_row(s.cache.pos, pos, slot),
         end=s.cache.end.at[slot].set(pcache.end),
     )
     row = dict(
@@ -225,8 +226,8 @@ class _Prefill:
 
     request: Request
     slot: int
-    tokens: np.ndarray  # [1, padded] int32
-    positions: np.ndarray  # [1, padded] int32
+    tokens: np.ndarray  # [P, padded] int32: the prompt in row 0 (P > 1 on some meshes: padding rows)
+    positions: np.ndarray  # [P, padded] int32
     sizes: list[int]  # chunk lengths still to feed
     cache: KVCache
     logits: Array | None = None
@@ -273,6 +274,7 @@ class Engine:
             raise GenerationError(f"max_len {self.max_len} is outside [1, {self.cfg.max_seq_len}]")
         self.mesh = mesh
         self._sh = self._shardings()
+        self._prefill_rows = self._prefill_batch()
         cache = self._new_cache(self.slots, per_row=True)
         init = functools.partial(Slots.init, vocab=self.cfg.vocab_size)
         if self._sh is None:
@@ -303,6 +305,22 @@ class Engine:
         )
         rep = NamedSharding(self.mesh, PartitionSpec())
         return dataclasses.replace(jax.tree.map(lambda _: rep, shapes), cache=cache)
+
+    def _prefill_batch(self) -> int:
+        """Rows of a prefill: 1, or on a mesh that splits the batch (data, fsdp) the fewest it can split. Row 0
+        holds the prompt, the others padding: each device prefills one row, so the padding costs no time."""
+        if self.mesh is None:
+            return 1
+        from glm4_jax.placement import cache_shardings
+        from glm4_jax.sharding.rules import ShardingError
+
+        for b in range(1, self.mesh.size + 1):
+            try:
+                cache_shardings(self.cfg, self.mesh, b, self.max_len)
+                return b
+            except ShardingError:
+                continue
+        raise GenerationError(f"no prefill batch fits the mesh {dict(self.mesh.shape)}")
 
     def _new_cache(self, batch: int, per_row: bool = False) -> KVCache:
         if self.mesh is None:
@@ -420,8 +438,10 @@ class Engine:
             if req is None:
                 return
             sizes, _ = self.gen.prefill_sizes([len(req.prompt)], req.max_new_tokens, self.max_len)
-            tokens, positions = pad_left([req.prompt], sum(sizes), self.gen.pad_id)
-            self._prefill = _Prefill(req, free[0], tokens, positions, sizes, self._new_cache(1))
+            rows = [req.prompt] + [[]] * (self._prefill_rows - 1)  # padding rows (positions < 0) on a mesh
+            tokens, positions = pad_left(rows, sum(sizes), self.gen.pad_id)
+            cache = self._new_cache(self._prefill_rows)
+            self._prefill = _Prefill(req, free[0], tokens, positions, sizes, cache)
         p = self._prefill
         size = p.sizes.pop(0)
         chunk = (p.tokens[:, p.offset : p.offset + size], p.positions[:, p.offset : p.offset + size])

@@ -256,6 +256,7 @@ class Engine:
         n_vocab: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         mesh: jax.sharding.Mesh | None = None,
+        pipeline: bool = True,
     ):
         """
         Args:
@@ -265,6 +266,8 @@ class Engine:
           n_vocab: ids >= n_vocab are never sampled (default `glm4_jax.engine.default_n_vocab`).
           prefill_chunk: prompt tokens per prefill call, and so the most prefill work between two decode steps.
           mesh: the device mesh the model is sharded over.
+          pipeline: dispatch each decode step before reading the ids of the one before (the host's work overlaps
+            the device's; a request's end is seen one step late).
         """
         self.gen = Generator(model, n_vocab=n_vocab, prefill_chunk=prefill_chunk, mesh=mesh)
         self.cfg = self.gen.cfg
@@ -286,6 +289,8 @@ class Engine:
         self._queue: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._prefill: _Prefill | None = None
+        self._pending = None  # a dispatched decode step whose ids are not read yet
+        self.pipeline = pipeline
         self._ids = itertools.count()
         self.steps = 0  # decode steps run
 
@@ -377,7 +382,7 @@ class Engine:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not (self._queue or self._running or self._prefill)
+            return not (self._queue or self._running or self._prefill or self._pending)
 
     # -- the engine thread
 
@@ -396,12 +401,15 @@ class Engine:
         cancel = np.zeros(self.slots, bool)
         for slot, r in self._running.items():
             cancel[slot] = r._cancel
-        decoding = bool(self._running)
-        if decoding:
+        prev, self._pending = self._pending, None
+        if self._running:
             self._decode(cancel)  # dispatched first; its ids are read after the prefill chunk is dispatched
         self._prefill_work()
-        if decoding:
-            self._read_decode()
+        if prev is not None:  # pipelined: the ids of the step before, while this one runs
+            self._read_decode(prev)
+        if not self.pipeline and self._pending is not None:
+            prev, self._pending = self._pending, None
+            self._read_decode(prev)
 
     def _decode(self, cancel: np.ndarray) -> None:
         fn = functools.partial(_decode_step, self.gen.graphdef, self.gen.n_vocab, self.gen.pad_id)
@@ -409,24 +417,23 @@ class Engine:
         step = self.gen._compiled("step", (), fn, (1,), self.gen.state, self._state, cancel, out_shardings=sh)
         with self.gen._mesh_context():
             self._state, tok, emitted, finished = step(self.gen.state, self._state, cancel)
-        self._pending = (tok, emitted, finished, cancel)
+        self._pending = (tok, emitted, finished, cancel, dict(self._running))
         self.steps += 1
 
-    def _read_decode(self) -> None:
-        tok, emitted, finished, cancel = self._pending
+    def _read_decode(self, pending) -> None:
+        """Hands out the ids of a decode step to the requests that ran in it, and evicts those that ended."""
+        tok, emitted, finished, cancel, ran = pending
         tok, emitted, finished = jax.device_get((tok, emitted, finished))
         now = time.perf_counter()
-        for slot in list(self._running):
-            r = self._running[slot]
-            if cancel[slot]:
-                del self._running[slot]
-                self._finish(r, "cancelled")
+        for slot, r in ran.items():
+            if r.finished:  # ended at the step before (the host learns it one step late when pipelined)
                 continue
             if emitted[slot]:
                 self._emit(r, int(tok[slot]), now)
-            if finished[slot]:
-                del self._running[slot]
-                self._finish(r, self._reason(r))
+            if cancel[slot] or finished[slot]:
+                if self._running.get(slot) is r:
+                    del self._running[slot]
+                self._finish(r, "cancelled" if cancel[slot] else self._reason(r))
 
     def _prefill_work(self) -> None:
         """Starts the prefill of the next queued request when a slot is free, and feeds one chunk of it."""

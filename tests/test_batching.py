@@ -51,12 +51,12 @@ def _alone(gen, prompt, **kw):
     return res.ids[0], res.stop_reasons[0]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_greedy_and_sampled_ids_alone_equal_ids_in_a_running_batch(model, gen, seed):
+@pytest.mark.parametrize("seed, pipeline", [(0, True), (1, True), (2, False)])
+def test_greedy_and_sampled_ids_alone_equal_ids_in_a_running_batch(model, gen, seed, pipeline):
     """Requests of mixed prompt lengths, budgets and settings start at random steps; some finish early (a stop id,
     a small budget), some are cancelled; every request that is not cancelled gets exactly its ids alone."""
     rng = np.random.RandomState(seed)
-    engine = Engine(model, slots=3, max_len=96, prefill_chunk=16)
+    engine = Engine(model, slots=3, max_len=96, prefill_chunk=16, pipeline=pipeline)
     n = 7
     specs = []
     for i in range(n):

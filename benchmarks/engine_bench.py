@@ -13,7 +13,7 @@ generates exactly its own output length):
 Time to first token (TTFT) counts from a request's arrival; inter-token latency (ITL) is the gap between two
 tokens of one request, as the host reads them. Throughput is the requests' tokens over the time from the first
 arrival to the last token. Every scheduler first runs the whole workload once untimed, so nothing is compiled in
-the timed run.
+the timed runs; then --repeats timed runs, round robin, and the median of each figure is printed.
 
 Then --pause: one stream decodes while a --pause-prompt-token prompt is prefilled; the longest gap between two of
 its tokens, against its median gap, in chunks of 256 and --prefill-chunk, and with the whole prompt in one chunk.
@@ -114,15 +114,14 @@ def run_static(gen: Generator, jobs: list[Job], batch: int, timed: bool = True) 
     return t0
 
 
-def report(name: str, jobs: list[Job]) -> dict:
+def figures(jobs: list[Job]) -> dict:
     tokens = sum(len(j.times) for j in jobs)
-    assert all(len(j.times) == j.new_tokens for j in jobs), name
+    assert all(len(j.times) == j.new_tokens for j in jobs)
     span = max(j.times[-1] for j in jobs) - min(j.arrival for j in jobs)
     ttft = np.array([j.times[0] - j.arrival for j in jobs]) * 1e3
     itl = np.concatenate([np.diff(j.times) for j in jobs if len(j.times) > 1]) * 1e3
     p = lambda x, q: float(np.percentile(x, q))  # noqa: E731
-    row = dict(
-        scheduler=name,
+    return dict(
         tok_s=tokens / span,
         ttft_p50=p(ttft, 50),
         ttft_p90=p(ttft, 90),
@@ -132,19 +131,24 @@ def report(name: str, jobs: list[Job]) -> dict:
         itl_p99=p(itl, 99),
         itl_max=float(itl.max()),
     )
+
+
+def report(name: str, runs: list[dict]) -> None:
+    """Prints the median of each figure over the timed runs."""
+    row = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
     print(
         f"{name:18s} {row['tok_s']:9.1f} tok/s | TTFT ms p50 {row['ttft_p50']:8.1f} p90 {row['ttft_p90']:8.1f} "
         f"p99 {row['ttft_p99']:8.1f} | ITL ms p50 {row['itl_p50']:6.2f} p90 {row['itl_p90']:6.2f} "
         f"p99 {row['itl_p99']:6.2f} max {row['itl_max']:7.2f}",
         flush=True,
     )
-    return row
 
 
 def pause(model, args) -> None:
     """The longest gap of a running stream while a long prompt is prefilled."""
     n = args.pause_prompt
     model.cfg = model.cfg.replace(max_seq_len=n + 512)  # the demo context is 1024: a config change only
+    model.attention_impl = args.attention
     rng = np.random.default_rng(1)
     long_prompt = rng.integers(3, model.cfg.vocab_size, n).tolist()
     for chunk in sorted({256, args.prefill_chunk, n}):
@@ -170,9 +174,9 @@ def pause(model, args) -> None:
             engine.run_until_idle()
         before = np.median(np.diff(times[:marks])) * 1e3
         print(
-            f"pause    prompt {n} in chunks of {chunk}: prefill + insert {prefill_s * 1e3:8.1f} ms | running "
-            f"stream: median gap {before:6.2f} ms before, longest {during.max():8.1f} ms during, "
-            f"{len(during)} tokens during",
+            f"pause    attention {args.attention}, prompt {n} in chunks of {chunk}: prefill + insert "
+            f"{prefill_s * 1e3:8.1f} ms | running stream: median gap {before:6.2f} ms before, "
+            f"longest {during.max():8.1f} ms during, {len(during)} tokens during",
             flush=True,
         )
 
@@ -193,12 +197,17 @@ def main(argv=None):
     )
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each scheduler (medians are printed)")
     ap.add_argument("--pause-prompt", type=int, default=4096)
     ap.add_argument("--no-pause", action="store_true")
+    ap.add_argument("--only-pause", action="store_true")
+    ap.add_argument("--attention", default="auto", help="the model's attention_impl for the pause (default auto)")
     args = ap.parse_args(argv)
 
     ckpt = args.ckpt or build_demo_checkpoint(tempfile.mkdtemp(prefix="engine-bench-"))
     model = checkpoint.load(ckpt)
+    if args.only_pause:
+        return pause(model, args)
     jobs = workload(args, model.cfg.vocab_size)
     total = sum(j.new_tokens for j in jobs)
     print(
@@ -210,18 +219,23 @@ def main(argv=None):
     max_len = args.max_len or gen.prefill_sizes([args.prompt_len[1]], args.new_tokens[1])[1]
     engine = Engine(model, slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk)
     unpiped = Engine(model, slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk, pipeline=False)
-    for name, run in (
-        ("engine", lambda js, timed: run_engine(engine, js, timed)),
-        ("engine-unpipelined", lambda js, timed: run_engine(unpiped, js, timed)),
-        ("single", lambda js, timed: run_single(gen, js, timed)),
-        ("static", lambda js, timed: run_static(gen, js, args.slots, timed)),
-    ):
+    schedulers = {
+        "engine": lambda js, timed: run_engine(engine, js, timed),
+        "engine-unpipelined": lambda js, timed: run_engine(unpiped, js, timed),
+        "single": lambda js, timed: run_single(gen, js, timed),
+        "static": lambda js, timed: run_static(gen, js, args.slots, timed),
+    }
+    for run in schedulers.values():
         run(fresh(jobs), False)  # compiles every shape
-        timed = fresh(jobs)
-        run(timed, True)
-        report(name, timed)
-        if name == "engine":
-            print(f"         (engine cache: {args.slots} rows x {max_len} slots)", flush=True)
+    runs = {name: [] for name in schedulers}
+    for _ in range(args.repeats):  # round robin, so that a noisy neighbour hurts every scheduler alike
+        for name, run in schedulers.items():
+            timed = fresh(jobs)
+            run(timed, True)
+            runs[name].append(figures(timed))
+    print(f"medians of {args.repeats} timed runs; engine cache: {args.slots} rows x {max_len} slots", flush=True)
+    for name in schedulers:
+        report(name, runs[name])
     if not args.no_pause:
         pause(model, args)
 

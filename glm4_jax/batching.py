@@ -17,7 +17,9 @@ The design is JetStream's (prefill, insert into a slot, one generate step for al
    padding (position -1, never visible) and do not advance.
 5. `Engine` (host side) holds the queue, admits requests into free slots, evicts finished and cancelled ones and
    calls the per-token callbacks. The host reads the new tokens of each step ([B] ids and two [B] masks) and
-   nothing else. `submit` and `cancel` are thread-safe; `step` runs on one thread (`run_forever`).
+   nothing else, and by default only after the next step has been dispatched (`pipeline`), so the host's work
+   overlaps the device's and a finished row is seen (and its slot freed) one step late. `submit` and `cancel`
+   are thread-safe; `step` runs on one thread (`run_forever`).
 
 Scheduling policy: each `step` runs at most one prefill chunk (`prefill_chunk` tokens, the first one bucketed)
 and then one decode step over all slots. A long prompt is prefilled a chunk at a time between decode steps, so a

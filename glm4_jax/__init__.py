@@ -28,6 +28,8 @@ _EXPORTS = {
     "GLM4Chat": "glm4_jax.api",
     "Generator": "glm4_jax.engine",
     "GenerationResult": "glm4_jax.engine",
+    "Engine": "glm4_jax.batching",
+    "Request": "glm4_jax.batching",
     "SamplingParams": "glm4_jax.sampling",
     # a model on a device mesh (glm4_jax.sharding has the meshes and rules)
     **dict.fromkeys(

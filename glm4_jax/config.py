@@ -60,6 +60,8 @@ CACHE_AXES: dict[str, tuple[str, ...]] = {
 # An int8 cache also holds one float32 scale per token and kv head, shaped [L, B, S, K, 1] like its k and v.
 CACHE_SCALE_AXES: dict[str, tuple[str, ...]] = {"k_scale": CACHE_AXES["k"], "v_scale": CACHE_AXES["v"]}
 KV_CACHE_DTYPES = (*DTYPES, "int8")
+# The cache of the continuous-batching engine (glm4_jax.batching): each row has its own next slot.
+ROW_CACHE_AXES: dict[str, tuple[str, ...]] = {**CACHE_AXES, "end": ("batch",)}
 
 
 def np_dtype(name: str):
@@ -223,20 +225,22 @@ class Config:
         return out
 
     def cache_layout(
-        self, batch: int, max_len: int, dtype: str | None = None
+        self, batch: int, max_len: int, dtype: str | None = None, *, per_row: bool = False
     ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
         """Every field of a KV cache of `batch` rows and `max_len` slots: name -> (shape, logical axes, dtype).
 
         k and v hold `dtype` (default the config's; one of KV_CACHE_DTYPES), pos and end int32 (see
-        glm4_jax.model.KVCache). An int8 cache adds k_scale and v_scale, float32, one per token and kv head.
+        glm4_jax.model.KVCache). An int8 cache adds k_scale and v_scale, float32, one per token and kv head. `end`
+        is one slot index for the batch, or with `per_row` one per row ([batch], the continuous-batching cache).
         """
         dtype = dtype or self.dtype
         if dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"the KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtype!r}")
         kv = (self.num_layers, batch, max_len, self.num_kv_heads, self.head_dim)
-        shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "end": ()}
+        shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "end": (batch,) if per_row else ()}
         dtypes = {"k": dtype, "v": dtype, "pos": "int32", "end": "int32"}
-        out = {name: (shapes[name], axes, dtypes[name]) for name, axes in CACHE_AXES.items()}
+        axes = ROW_CACHE_AXES if per_row else CACHE_AXES
+        out = {name: (shapes[name], axes[name], dtypes[name]) for name in axes}
         if dtype == "int8":
             out |= {name: ((*kv[:-1], 1), axes, "float32") for name, axes in CACHE_SCALE_AXES.items()}
         return out

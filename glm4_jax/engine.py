@@ -16,8 +16,10 @@ How a batch is generated (`Generator`):
    The model is split with `nnx.split` and its state passed as an argument (not baked into the HLO as constants).
 4. Streaming (`Generator.stream`, which `glm4_jax.api.GLM4Chat` and the `generate` CLI use to print text as it
    comes): a Python loop calling the same jitted step function the while-loop runs, one token at a time; it gives
-   the same tokens as the compiled loop (the random key of step n is `fold_in(key(seed), n)` on both paths), which
-   tests/test_generate.py checks.
+   the same tokens as the compiled loop (row b draws its step n with `fold_in(fold_in(key(seed), b), n)` on both
+   paths), which tests/test_generate.py checks.
+6. The choice of each token (`pick`: `glm4_jax.sampling.sample_rows`, the stop test, the repetition record) is
+   the one the continuous-batching engine (glm4_jax.batching) runs too, with one setting broadcast to every row.
 5. Compilation is ahead of time (`jit(...).lower(...).compile()`), cached per model structure, argument shapes and
    shardings and static settings, and shared by every Generator; timings (`GenerationResult`) leave it out and
    report it apart (`compile_s`).
@@ -51,7 +53,7 @@ from glm4_jax.options import (  # noqa: F401  (re-exported: jax-free, so that th
     SamplingParams,
     truncate_left,
 )
-from glm4_jax.sampling import sample
+from glm4_jax.sampling import RowSampling, row_keys, sample_rows
 
 Array = jax.Array
 
@@ -131,7 +133,7 @@ class DecodeState:
     done: Array  # [B] bool: the row has chosen a stop id
     out: Array  # [B, max_new_tokens] int32: the chosen tokens (pad id after a row is done)
     seen: Array  # [B, V] bool: ids in the prompt or chosen (repetition penalty); [B, 0] without a penalty
-    key: Array  # the PRNG key; step n draws with fold_in(key, n)
+    key: Array  # [B] PRNG keys, fold_in(key(seed), b) for row b; its step n draws with fold_in(key[b], n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +154,49 @@ def _prefill_chunk(graphdef, state, cache: KVCache, tokens: Array, positions: Ar
     return logits[:, 0], cache
 
 
+def pick(
+    logits: Array,
+    keys: Array,
+    n: Array,
+    rows: RowSampling,
+    n_vocab: int,
+    seen: Array | None,
+    stops: Array,
+) -> tuple[Array, Array, Array | None]:
+    """The choice of the next token of every row, the stop test and the repetition record: the one copy that the
+    static-batch decode (`Generator`) and the continuous-batching engine (glm4_jax.batching) both run.
+
+    Args:
+      logits: [B, V] float32, the last position's logits.
+      keys: [B] PRNG keys, one per row (per request); the n-th token of a row draws with fold_in(key, n).
+      n: [B] int32, tokens the row has chosen so far.
+      rows: the sampling settings of each row ([B] arrays).
+      n_vocab: ids >= n_vocab are never chosen.
+      seen: [B, V] bool (ids in the prompt or chosen), or None without a repetition penalty.
+      stops: [B, M] int32 stop ids of each row, padded with -1 (M may be 0).
+    Returns:
+      (tokens [B] int32, hit a stop id [B] bool, seen with the new tokens or None).
+    """
+    B = logits.shape[0]
+    step_keys = jax.vmap(jax.random.fold_in)(keys, n)
+    tok = sample_rows(logits, step_keys, rows, n_vocab=n_vocab, seen=seen)
+    hit = jnp.any(tok[:, None] == stops, axis=-1)
+    if seen is not None:
+        seen = seen.at[jnp.arange(B), tok].set(True)
+    return tok, hit, seen
+
+
 def _choose(s: DecodeSettings, d: DecodeState, logits: Array) -> DecodeState:
-    """Samples the next token of every row from logits [B, V] and records it."""
+    """Chooses the next token of every row from logits [B, V] (`pick`, one setting for the batch) and records it."""
     B = d.tok.shape[0]
+    rows = RowSampling.of([s.sampling] * B)
+    stops = np.broadcast_to(np.asarray(s.stop_ids, np.int32), (B, len(s.stop_ids)))
     seen = d.seen if s.sampling.uses_penalty else None
-    tok = sample(logits, jax.random.fold_in(d.key, d.n), s.sampling, n_vocab=s.n_vocab, seen=seen)
+    tok, hit, new_seen = pick(logits, d.key, jnp.full((B,), d.n), rows, s.n_vocab, seen, stops)
     tok = jnp.where(d.done, s.pad_id, tok)
     out = jax.lax.dynamic_update_slice(d.out, tok[:, None], (jnp.zeros((), jnp.int32), d.n))
-    new_seen = d.seen.at[jnp.arange(B), tok].set(True) if s.sampling.uses_penalty else d.seen
-    done = d.done | jnp.isin(tok, jnp.asarray(s.stop_ids, jnp.int32)) if s.stop_ids else d.done
-    return dataclasses.replace(d, tok=tok, out=out, seen=new_seen, done=done, n=d.n + 1)
+    new_seen = d.seen if new_seen is None else new_seen
+    return dataclasses.replace(d, tok=tok, out=out, seen=new_seen, done=d.done | hit, n=d.n + 1)
 
 
 def _start(s: DecodeSettings, cache: KVCache, logits: Array, lengths: Array, seen: Array, key: Array) -> DecodeState:
@@ -175,7 +210,7 @@ def _start(s: DecodeSettings, cache: KVCache, logits: Array, lengths: Array, see
         done=jnp.zeros((B,), bool),
         out=jnp.full((B, s.max_new_tokens), s.pad_id, jnp.int32),
         seen=seen,
-        key=key,
+        key=row_keys(key, B),
     )
     return _choose(s, d, logits)
 
@@ -293,10 +328,12 @@ class Generator:
         with self._mesh_context():
             return compiled(*args)
 
-    def _compiled(self, name: str, static, fn: Callable, donate: tuple[int, ...], *args):
+    def _compiled(self, name: str, static, fn: Callable, donate: tuple[int, ...], *args, out_shardings=None):
         """jit(fn) compiled ahead of time for these arguments, once per model structure, argument shapes and
         shardings, and `static`. The cache is shared by all Generators (`clear_compiled`), so a new Generator (a
-        new GLM4Chat in a notebook, a second CLI call in-process) of the same model reuses the executables."""
+        new GLM4Chat in a notebook, a second CLI call in-process) of the same model reuses the executables.
+        `out_shardings` (the engine's, so that a state fed back keeps its shardings) must follow from `static`
+        and the arguments."""
         sig = tuple(
             (x.shape, str(x.dtype), getattr(x, "sharding", None))
             for a in args
@@ -309,7 +346,9 @@ class Generator:
             self._status("compile", name, static)
             t = time.perf_counter()
             with self._mesh_context():
-                compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                extra = {} if out_shardings is None else {"out_shardings": out_shardings}
+                jitted = jax.jit(fn, donate_argnums=donate, **extra)
+                compiled = jitted.lower(*args).compile()
             self._compile_s += time.perf_counter() - t
             self._status("compiled", name, static)
             _COMPILED[key] = compiled

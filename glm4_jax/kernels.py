@@ -47,13 +47,21 @@ def select_layer(x: Array, layer: Array | None) -> Array:
 
 
 def write_kv(ck: Array, cv: Array, k: Array, v: Array, layer: Array, start: Array) -> tuple[Array, Array]:
-    """Writes k, v [B, T, K, H] into slots [start, start + T) of layer `layer` of ck, cv [L, B, S, K, H].
+    """Writes k, v [B, T, K, H] into slots [start, start + T) of layer `layer` of ck, cv [L, B, S, K, H]; with
+    `start` [B], row b at its own slots [start[b], start[b] + T).
 
-    One dynamic_update_slice per array. With the cache sharded along its slots (a `sequence` mesh axis), XLA's
-    SPMD partitioner turns it into a local clamped update plus a select on each shard, with no gather of the
-    cache (checked on the compiled HLO in tests/test_ring.py).
+    One dynamic_update_slice per array (per row: the same under vmap, a scatter). With the cache sharded along its
+    slots (a `sequence` mesh axis), XLA's SPMD partitioner turns the batch-wide one into a local clamped update
+    plus a select on each shard, with no gather of the cache (checked on the compiled HLO in tests/test_ring.py).
     """
     zero = jnp.zeros((), jnp.int32)
+    if jnp.ndim(start) == 1:
+
+        def row(c, x, s):  # c [L, S, K, H], x [T, K, H]
+            return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), (layer, s, zero, zero))
+
+        write = jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)
+        return write(ck, k, start), write(cv, v, start)
     idx = (layer, zero, start, zero, zero)
     ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), idx)
     cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), idx)
@@ -71,6 +79,13 @@ def quantize_kv(x: Array) -> tuple[Array, Array]:
 def dequantize_kv(values: Array, scale: Array, layer: Array, dtype) -> Array:
     """Layer `layer` of an int8 cache array [L, B, S, K, H] with its scales [L, B, S, K, 1], as [B, S, K, H]."""
     return (select_layer(values, layer).astype(jnp.float32) * select_layer(scale, layer)).astype(dtype)
+
+
+def write_rows(pos: Array, new: Array, start: Array) -> Array:
+    """Writes new [B, T] into columns [start, start + T) of pos [B, S]; with `start` [B], row b at its own."""
+    if jnp.ndim(start) == 1:
+        return jax.vmap(lambda p, x, s: jax.lax.dynamic_update_slice(p, x, (s,)))(pos, new, start)
+    return jax.lax.dynamic_update_slice(pos, new, (jnp.zeros((), jnp.int32), start))
 
 
 # ---- dense ------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from glm4_jax import attention, kernels, qmatmul
-from glm4_jax.config import CACHE_AXES, CACHE_SCALE_AXES, QUANTIZED, Config
+from glm4_jax.config import CACHE_AXES, CACHE_SCALE_AXES, QUANTIZED, ROW_CACHE_AXES, Config
 from glm4_jax.paths import unflatten
 from glm4_jax.sharding.rules import constrain
 
@@ -93,7 +93,9 @@ class Layers(nnx.Module):
 class KVCache:
     """Keys (already rotated) and values of every layer, plus the position held in each slot.
 
-    All rows of a batch are written at the same slots (prompts are left-padded), so one `end` serves the batch.
+    In a static batch all rows are written at the same slots (prompts are left-padded), so one `end` [] serves the
+    batch. In the continuous-batching engine (glm4_jax.batching) every row is a request of its own and `end` is
+    [B]: row b writes at its own slots [end[b], end[b] + T).
     An int8 cache stores k and v as int8 with one float32 scale per token and kv head (k_scale, v_scale
     [L, B, S, K, 1]); the others have no scales (None).
     """
@@ -101,18 +103,20 @@ class KVCache:
     k: Array  # [L, B, S, K, H]
     v: Array  # [L, B, S, K, H]
     pos: Array  # [B, S] int32: the position of the token in each slot; -1 for empty slots and padding
-    end: Array  # [] int32: the next slot to write
+    end: Array  # [] or [B] int32: the next slot to write (of the batch, or of each row)
     k_scale: Array | None = None  # [L, B, S, K, 1] float32, int8 caches only
     v_scale: Array | None = None
 
-    AXES = CACHE_AXES  # the logical axes of each field (glm4_jax.config)
+    AXES = CACHE_AXES  # the logical axes of each field (glm4_jax.config); ROW_AXES with a per-row `end`
+    ROW_AXES = ROW_CACHE_AXES
     SCALE_AXES = CACHE_SCALE_AXES  # and of the scales of an int8 cache
 
     @classmethod
-    def init(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty cache: `cfg.cache_layout(batch, max_len, dtype)`, k and v in `dtype` (default cfg.dtype; "int8"
-        for an int8 cache)."""
-        layout = cfg.cache_layout(batch, max_len, None if dtype is None else jnp.dtype(dtype).name)
+    def init(cls, cfg: Config, batch: int, max_len: int, dtype=None, *, per_row: bool = False) -> KVCache:
+        """An empty cache: `cfg.cache_layout(batch, max_len, dtype, per_row=)`, k and v in `dtype` (default
+        cfg.dtype; "int8" for an int8 cache)."""
+        name = None if dtype is None else jnp.dtype(dtype).name
+        layout = cfg.cache_layout(batch, max_len, name, per_row=per_row)
         fill = {"pos": -1}
         return cls(**{name: jnp.full(shape, fill.get(name, 0), dt) for name, (shape, _, dt) in layout.items()})
 
@@ -210,7 +214,8 @@ class GLM4(nnx.Module):
         Args:
           tokens: [B, T] int token ids.
           positions: [B, T] int positions; negative for (left) padding.
-          cache: the KV cache to append to at slots [cache.end, cache.end + T), or None for a plain forward pass.
+          cache: the KV cache to append to at slots [cache.end, cache.end + T) (per row when `end` is [B]), or None
+            for a plain forward pass.
           logits: "all" for every position, "last" for the last position only (prefill before sampling).
         Returns:
           (logits [B, T or 1, V] in float32, the updated cache or None).
@@ -229,8 +234,8 @@ class GLM4(nnx.Module):
 
             h, _ = jax.lax.scan(step, h, layer_params)
         else:
-            start = cache.end
-            k_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, start))  # [B, S]
+            start = cache.end  # [] or [B]
+            k_pos = kernels.write_rows(cache.pos, positions, start)  # [B, S]
 
             def step(carry, p):
                 h, arrays, i = carry

@@ -39,20 +39,29 @@ def param_shardings(model: GLM4, mesh: Mesh | AbstractMesh, rules: Rules | None 
     return map_with_path(lambda path, x: named_sharding(mesh, axes[path], x.shape, rules, path), param_tree(model))
 
 
-def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> KVCache:
+def abstract_cache(cfg: Config, batch: int, max_len: int, dtype=None, *, per_row: bool = False) -> KVCache:
     """`KVCache` of ShapeDtypeStructs, without allocating."""
-    return jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dtype))
+    return jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dtype, per_row=per_row))
 
 
 def cache_shardings(
-    cfg: Config, mesh: Mesh | AbstractMesh, batch: int, max_len: int, rules: Rules | None = None, dtype=None
+    cfg: Config,
+    mesh: Mesh | AbstractMesh,
+    batch: int,
+    max_len: int,
+    rules: Rules | None = None,
+    dtype=None,
+    *,
+    per_row: bool = False,
 ) -> KVCache:
     """A `KVCache` of the `NamedSharding`s of a cache with `batch` rows and `max_len` slots: rows on `data` (and
     `fsdp` when it divides them), slots on `sequence`, kv heads on `tensor` when it divides them. `dtype` "int8"
-    adds the shardings of the scales (split like k and v)."""
-    layout = cfg.cache_layout(batch, max_len, None if dtype is None else jnp.dtype(dtype).name)
+    adds the shardings of the scales (split like k and v); `per_row`: the cache of the continuous-batching engine
+    (`end` [batch])."""
+    name = None if dtype is None else jnp.dtype(dtype).name
+    layout = cfg.cache_layout(batch, max_len, name, per_row=per_row)
     return KVCache(
-        **{name: named_sharding(mesh, axes, shape, rules, f"cache/{name}") for name, (shape, axes, _) in layout.items()}
+        **{f: named_sharding(mesh, axes, shape, rules, f"cache/{f}") for f, (shape, axes, _) in layout.items()}
     )
 
 
@@ -89,10 +98,20 @@ def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | No
     return nnx.merge(graphdef, params)
 
 
-def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int, dtype=None, rules: Rules | None = None) -> KVCache:
+def init_cache(
+    cfg: Config,
+    mesh: Mesh,
+    batch: int,
+    max_len: int,
+    dtype=None,
+    rules: Rules | None = None,
+    *,
+    per_row: bool = False,
+) -> KVCache:
     """An empty `KVCache`, created directly in its shards."""
-    shardings = cache_shardings(cfg, mesh, batch, max_len, rules, dtype)
-    return jax.jit(lambda: KVCache.init(cfg, batch, max_len, dtype), out_shardings=shardings)()
+    shardings = cache_shardings(cfg, mesh, batch, max_len, rules, dtype, per_row=per_row)
+    init = functools.partial(KVCache.init, cfg, batch, max_len, dtype, per_row=per_row)
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def jit_forward(

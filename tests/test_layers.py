@@ -26,6 +26,7 @@ LAYERS = [
     {"glm4_jax.placement", "glm4_jax.checkpoint"},
     {"glm4_jax.convert", "glm4_jax.convert.readers", "glm4_jax.convert.table", "glm4_jax.convert.pipeline"},
     {"glm4_jax.engine"},
+    {"glm4_jax.batching"},
     {"glm4_jax.api"},
     {"glm4_jax.fixtures", "glm4_jax.convert.__main__", "glm4_jax.generate", "glm4_jax.bench", "glm4_jax.demo"},
 ]

@@ -625,6 +625,13 @@ def _main(args, interrupts: _Interrupts) -> int:
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"--distributed: {' '.join(str(e).split())}") from None
     cfg = _load_config(args.ckpt)
+    if args.quantize and cfg.quant:
+        raise UsageError(f"--ckpt {args.ckpt}: the checkpoint is quantized already ({cfg.quant}); drop --quantize")
+    if args.quantize:
+        try:
+            cfg.replace(quant=args.quantize, group_size=args.group_size)
+        except ValueError as e:  # ConfigError: a group size that does not divide a matrix
+            raise UsageError(f"--group-size: {e}") from None
     if args.max_len is not None and args.max_len > cfg.max_seq_len:
         raise UsageError(f"--max-len {args.max_len} exceeds the model's context of {cfg.max_seq_len} tokens")
     tok = _load_tokenizer(args.ckpt)
@@ -667,10 +674,15 @@ def _main(args, interrupts: _Interrupts) -> int:
     if ids is not None:
         args.max_new_tokens = _cap_new_tokens(len(ids), args, cfg, status)
     dtype = args.dtype or cfg.dtype
-    size = sum(math.prod(shape) for shape, _ in cfg.param_layout().values()) * np_dtype(dtype).itemsize
+    target = cfg.replace(dtype=dtype)
+    if args.quantize:
+        target = target.replace(quant=args.quantize, group_size=args.group_size)
+    size = sum(math.prod(shape) * np_dtype(dt).itemsize for shape, _, dt in target.stored_layout().values())
     where = f"over a mesh of {mesh.size} devices" if mesh is not None else "on one device"
     amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
-    status.line(f"loading {amount} of {dtype} weights from {args.ckpt} {where}")
+    what = f"{dtype}" if target.quant is None else f"{target.quant} ({dtype} scales and norms)"
+    verb = "loading and quantizing" if args.quantize else "loading"
+    status.line(f"{verb} {amount} of {what} weights from {args.ckpt} {where}")
     with interrupts.hard():
         model = _load_model(args, mesh)
     from glm4_jax.api import GLM4Chat

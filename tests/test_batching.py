@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+from tiny import sharpen
 
 from glm4_jax.batching import MAX_STOP_IDS, Engine
 from glm4_jax.engine import GenerationError, Generator, PromptTooLongError, clear_compiled
@@ -24,16 +25,9 @@ MIXED = [
 ]
 
 
-def _sharpen(model, factor=10.0):
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):
-        w = getattr(model.layers, name)
-        w[...] = w[...] * factor
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _sharpen(init_model(TINY, seed=1))
+    return sharpen(init_model(TINY, seed=1))
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +212,7 @@ def test_mesh_equals_one_device(spec):
         engine.run_until_idle()
         return [reqs[i].ids for i in range(len(specs))]
 
-    one = run(Engine(_sharpen(init_model(cfg, seed=2)), slots=4, max_len=64, prefill_chunk=16))
+    one = run(Engine(sharpen(init_model(cfg, seed=2)), slots=4, max_len=64, prefill_chunk=16))
     mesh = make_mesh(spec)
-    sharded = shard_model(_sharpen(init_model(cfg, seed=2)), mesh)
+    sharded = shard_model(sharpen(init_model(cfg, seed=2)), mesh)
     assert run(Engine(sharded, slots=4, max_len=64, prefill_chunk=16, mesh=mesh)) == one

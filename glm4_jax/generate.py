@@ -627,9 +627,10 @@ def _main(args, interrupts: _Interrupts) -> int:
     cfg = _load_config(args.ckpt)
     if args.quantize and cfg.quant:
         raise UsageError(f"--ckpt {args.ckpt}: the checkpoint is quantized already ({cfg.quant}); drop --quantize")
+    stored = cfg  # the arrays the model will hold: quantized while loading with --quantize
     if args.quantize:
         try:
-            cfg.replace(quant=args.quantize, group_size=args.group_size)
+            stored = cfg.replace(quant=args.quantize, group_size=args.group_size)
         except ValueError as e:  # ConfigError: a group size that does not divide a matrix
             raise UsageError(f"--group-size: {e}") from None
     if args.max_len is not None and args.max_len > cfg.max_seq_len:
@@ -674,9 +675,7 @@ def _main(args, interrupts: _Interrupts) -> int:
     if ids is not None:
         args.max_new_tokens = _cap_new_tokens(len(ids), args, cfg, status)
     dtype = args.dtype or cfg.dtype
-    target = cfg.replace(dtype=dtype)
-    if args.quantize:
-        target = target.replace(quant=args.quantize, group_size=args.group_size)
+    target = stored.replace(dtype=dtype)
     size = sum(math.prod(shape) * np_dtype(dt).itemsize for shape, _, dt in target.stored_layout().values())
     where = f"over a mesh of {mesh.size} devices" if mesh is not None else "on one device"
     amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"

@@ -48,8 +48,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC", help="source checkpoint directory (or hub repo id org/name)")
-    p.add_argument("dst", metavar="DST", help="output directory; must not exist unless --force")
+    p.add_argument("src", metavar="SRC", nargs="?", help="source checkpoint directory (or hub repo id org/name)")
+    p.add_argument("dst", metavar="DST", nargs="?", help="output directory; must not exist unless --force")
+    p.add_argument(
+        "--verify",
+        metavar="DST",
+        help="verify the converted checkpoint DST instead of converting (every chunk's crc32c, the metadata and "
+        "the conversion id; as python -m glm4_jax.check DST)",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert weights that hold NaN or Inf (by default they are refused, naming the tensor and index)",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -97,7 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verify is not None:
+        if args.src is not None:
+            _fail("--verify DST takes no SRC or DST (see --help)")
+    elif args.src is None or args.dst is None:
+        _fail("SRC and DST are required (see --help)")
+    return args
 
 
 def _version() -> str:
@@ -113,6 +130,10 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     """The CLI; returns 0 on success, exits with status 2 (one `error:` line on stderr) on bad input."""
     args = parse_args(argv)
+    if args.verify is not None:
+        from glm4_jax.check import run
+
+        return run(args.verify, args.progress)
     # Orbax logs warnings through absl (for example while a cancelled save winds down); the CLI's stderr is for
     # the progress bar and for one `error:` line.
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -136,6 +157,7 @@ def main(argv=None) -> int:
             hash_files=args.hash,
             progress=args.progress,
             revision=args.revision,
+            allow_nonfinite=args.allow_nonfinite,
         )
     except (ConvertError, ConfigError) as e:
         _fail(str(e))

@@ -241,12 +241,15 @@ def convert(
     hash_files: bool = True,
     progress: bool | None = None,
     revision: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
     """Converts the GLM-4 checkpoint `src` into a glm4-jax checkpoint at `dst` (see `python -m glm4_jax.convert
     --help`) and returns the path of `dst`.
 
     Raises ConvertError or ConfigError for bad input; everything that can be checked is checked before anything
-    is written. On any error or KeyboardInterrupt, `dst` is left as it was and no temporary remains.
+    is written, except the values: NaN or Inf in a weight (unless `allow_nonfinite`), or a value that overflows
+    float16, stops the conversion with a ConvertError naming the tensor and index. On any error or
+    KeyboardInterrupt, `dst` is left as it was and no temporary remains.
     """
     from glm4_jax import checkpoint
 
@@ -292,10 +295,11 @@ def convert(
             bar = Progress(out_bytes, used, progress)
             for _, dest in flatten(dests):
                 dest.on_read = bar.read
+                dest.allow_nonfinite = allow_nonfinite
             if cfg.quant is not None:
                 dests = quantized_sources(dests, cfg)
             try:
-                checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, cfg, progress=bar.wrote)
+                conversion_id = checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, dests, cfg, progress=bar.wrote)
             finally:
                 bar.close()
             cfg.save(tmp / checkpoint.CONFIG)
@@ -313,7 +317,7 @@ def convert(
                 "files": record,
             }
             writer = f"glm4_jax.convert {checkpoint.package_version()}"
-            checkpoint.write_manifest(tmp, cfg, dests, source=source, writer=writer)
+            checkpoint.write_manifest(tmp, cfg, dests, source=source, writer=writer, conversion_id=conversion_id)
         except BaseException:
             if hasher is not None:
                 hasher.stop.set()

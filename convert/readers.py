@@ -127,6 +127,11 @@ def _is_lfs_pointer(path: pathlib.Path) -> bool:
 # ---- safetensors ------------------------------------------------------------------------------------------------
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_header(path: pathlib.Path, origin: str | None = None) -> dict[str, TensorInfo]:
     """The tensors of a safetensors file, after checking that the file is complete and consistent."""
     origin = origin or str(path)
@@ -147,21 +152,38 @@ def read_header(path: pathlib.Path, origin: str | None = None) -> dict[str, Tens
         raise ConvertError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: corrupt safetensors header")
-    tensors, end = {}, 0
+    tensors, end, spans = {}, 0, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            code, shape, (begin, stop) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ConvertError(f"{path}: corrupt safetensors header entry for {name}") from None
+        fields = entry if isinstance(entry, dict) else {}
+        code, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+        if not (
+            isinstance(code, str)
+            and isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+        ):
+            raise ConvertError(
+                f"{path}: corrupt safetensors header entry for {name}: needs a dtype string, a shape of sizes and "
+                f"two integer data_offsets, has {_short(entry)}"
+            )
         if code not in DTYPES:
             raise ConvertError(f"{path}: tensor {name} has dtype {code}; weights must be BF16, F16, F32 or F64")
-        dtype = DTYPES[code]
-        if stop - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
-            raise ConvertError(f"{path}: corrupt safetensors header: {name} {code}{list(shape)} at [{begin}, {stop})")
+        dtype, shape, (begin, stop) = DTYPES[code], tuple(shape), offsets
+        if stop - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            raise ConvertError(
+                f"{path}: corrupt safetensors header: {name} {code}{_short(list(shape))} at [{begin}, {stop})"
+            )
         end = max(end, stop)
+        spans.append((begin, stop, name))
         tensors[name] = TensorInfo(name, path, dtype, shape, origin, 8 + n + begin)
+    spans.sort()
+    for (_, stop, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+        if begin < stop:
+            raise ConvertError(f"{path}: corrupt safetensors header: the data of {first} and {second} overlap")
     if 8 + n + end > size:
         raise ConvertError(f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size}")
     return tensors

@@ -285,6 +285,7 @@ class Destination(ArraySource):
         self.stacked = stacked
         self.parts: dict[int, tuple[TensorInfo, object]] = {}  # layer (0 when not stacked) -> (source, transform)
         self.on_read = on_read  # called with (source TensorInfo, number of its elements read)
+        self.allow_nonfinite = False  # True: NaN and Inf in the source pass through unchecked
 
     def read_into(self, region, out):
         if not self.stacked:
@@ -308,8 +309,8 @@ class Destination(ArraySource):
         else:
             layer = 0
         info, transform = self.parts[layer]
-        if not isinstance(transform, Same) or info.dtype != self.dtype:
-            return False
+        if not isinstance(transform, Same) or info.dtype != self.dtype or not self.allow_nonfinite:
+            return False  # (the values are checked on the way through memory unless NaN and Inf are allowed)
         if any((r.start, r.stop) != (0, n) for r, n in zip(region[1:], info.shape[1:], strict=True)):
             return False
         offset, nbytes = rows_range(info, region[0])
@@ -321,20 +322,49 @@ class Destination(ArraySource):
 
     def _fill(self, layer: int, region, out: np.ndarray) -> None:
         info, transform = self.parts[layer]
-        transform.fill(_Reader(info, self.on_read), region, out)
+        transform.fill(_Reader(info, self.on_read, None if self.allow_nonfinite else self.dtype), region, out)
 
 
 class _Reader:
     """Reads blocks of one source tensor for a transform: `read(rows, cols, into=None)`; `read.dtype`."""
 
-    def __init__(self, info: TensorInfo, on_read):
-        self.info, self.dtype, self.on_read = info, info.dtype, on_read
+    def __init__(self, info: TensorInfo, on_read, check: np.dtype | None = None):
+        self.info, self.dtype, self.on_read, self.check = info, info.dtype, on_read, check
 
     def __call__(self, rows: slice, cols: slice | None, into: np.ndarray | None = None) -> np.ndarray:
         block = read_block(self.info, rows, cols, into=into)
+        if self.check is not None:
+            check_values(self.info, block, rows.start, 0 if cols is None else cols.start, self.check)
         if self.on_read is not None:
             self.on_read(self.info, block.size)
         return block
+
+
+FLOAT16_OVERFLOW = 65520.0  # the smallest magnitude that float16 rounds to infinity
+
+
+def check_values(info: TensorInfo, block: np.ndarray, row0: int, col0: int, target: np.dtype) -> None:
+    """Refuses a source block holding NaN or Inf, or a value that overflows `target` (float16) when cast: names the
+    tensor, its file and the first such index (in the tensor's coordinates)."""
+    if block.dtype.kind in "iub":
+        return
+    finite = np.isfinite(block)
+    bad = None if finite.all() else ~finite
+    what = "a non-finite value"
+    hint = "use --allow-nonfinite to convert it as it is"
+    if bad is None and np.dtype(target) == np.float16 and block.dtype != np.float16:
+        big = np.abs(block.astype(np.float32)) >= FLOAT16_OVERFLOW
+        if big.any():
+            bad, what, hint = big, "a value beyond the float16 range (65504)", "use --dtype bfloat16 or float32"
+    if bad is None:
+        return
+    first = np.unravel_index(int(np.argmax(bad.reshape(-1))), block.shape)
+    index = [int(i) for i in first]
+    value = block[tuple(first)]
+    index[0] += row0
+    if len(index) == 2:
+        index[1] += col0
+    raise ConvertError(f"{info.origin}: tensor {info.name} has {what} ({value}) at index {index}; {hint}")
 
 
 def _patterns(rules: list[Rule]):

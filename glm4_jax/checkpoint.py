@@ -29,16 +29,19 @@ import pathlib
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, QUANTIZED, Config, ConfigError, np_dtype
-from glm4_jax.fileio import ArraySource, NumpySource, ScratchBuffer, staging_dir, write_all
+from glm4_jax.fileio import ArraySource, NumpySource, ScratchBuffer, crc32c, staging_dir, write_all
 from glm4_jax.paths import flatten, unflatten
 
 FORMAT = "glm4-jax-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunks carry a crc32c, arrays and manifest a conversion id; 1 is still read
+CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+CRC_BYTES = 4  # the crc32c codec appends the checksum of the chunk's bytes, little-endian
 PARAMS_DIR = "params"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -101,7 +104,7 @@ def chunk_shape(shape: tuple[int, ...], axes: tuple[str, ...], itemsize: int, ma
     return tuple(chunk)
 
 
-def _zarr_metadata(shape, dtype: np.dtype, chunk) -> dict:
+def _zarr_metadata(shape, dtype: np.dtype, chunk, conversion_id: str) -> dict:
     return {
         "zarr_format": 3,
         "node_type": "array",
@@ -110,7 +113,8 @@ def _zarr_metadata(shape, dtype: np.dtype, chunk) -> dict:
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
         "chunk_key_encoding": {"name": "default"},
         "fill_value": 0.0,
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "codecs": CODECS,
+        "attributes": {"glm4_jax_conversion_id": conversion_id},  # ties the array to its manifest
     }
 
 
@@ -160,11 +164,16 @@ def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
         return 0
     src, dtype = job.source, np.dtype(job.source.dtype)
     block = tuple(r.stop - r.start for r in job.region)
-    fd = os.open(job.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(job.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        nbytes = math.prod(job.chunk) * dtype.itemsize
+        full = _chunk_buffer.get(nbytes).view(dtype).reshape(job.chunk)
         if block == job.chunk and src.copy_into(job.region, fd):
+            raw = memoryview(full.reshape(-1).view(np.uint8))  # read back (from the page cache) for the checksum
+            if os.preadv(fd, [raw], 0) != nbytes:
+                raise OSError(f"{job.path}: short read back")
+            write_all(fd, memoryview(crc32c(raw).to_bytes(CRC_BYTES, "little")), job.path)
             return math.prod(block) * dtype.itemsize
-        full = _chunk_buffer.get(math.prod(job.chunk) * dtype.itemsize).view(dtype).reshape(job.chunk)
         if block == job.chunk:
             src.read_into(job.region, full)
         else:  # an edge chunk: zarr stores it whole, padded with the fill value
@@ -172,7 +181,9 @@ def _write_chunk(job: _Chunk, cancelled: threading.Event) -> int:
             src.read_into(job.region, part)
             full[...] = 0
             full[tuple(slice(0, n) for n in block)] = part
-        write_all(fd, memoryview(full.reshape(-1).view(np.uint8)), job.path)
+        raw = memoryview(full.reshape(-1).view(np.uint8))
+        write_all(fd, raw, job.path)
+        write_all(fd, memoryview(crc32c(raw).to_bytes(CRC_BYTES, "little")), job.path)
     finally:
         os.close(fd)
     return math.prod(block) * dtype.itemsize
@@ -186,13 +197,16 @@ def write_params(
     progress: Callable[[int], None] | None = None,
     chunk_bytes: int | None = None,
     threads: int | None = None,
-) -> None:
+    conversion_id: str | None = None,
+) -> str:
     """Writes a nested dict of `ArraySource`s, shaped like the parameters of `cfg`, as an Orbax checkpoint at
     `directory` (which must not exist).
 
     Each array is cut into chunks of at most `chunk_bytes` (see `chunk_shape`); `threads` threads each fill one
     chunk at a time from its source and write it, so at most `threads` chunks are in memory. `progress(nbytes)`
-    is called after each chunk. Nothing is fsync'ed here: `staging_dir` syncs the whole tree before publishing
+    is called after each chunk. Every chunk ends with its crc32c (zarr v3's codec, which TensorStore verifies on
+    each read), and every zarr.json carries `conversion_id` (a new random one when None), which is returned for
+    the manifest (`write_manifest`). Nothing is fsync'ed here: `staging_dir` syncs the whole tree before publishing
     it. On any error or KeyboardInterrupt the threads stop after the chunk they have under way before the
     exception propagates (an error from `read_into` propagates as it is), so the caller may delete the directory.
     """
@@ -201,6 +215,7 @@ def write_params(
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     threads = threads or WRITERS
     directory = pathlib.Path(directory)
+    conversion_id = conversion_id or uuid.uuid4().hex
     directory.mkdir()
     layout = cfg.stored_layout()
     arrays = flatten(sources)
@@ -212,7 +227,7 @@ def write_params(
         chunk = chunk_shape(tuple(source.shape), layout[name][1], work_itemsize, chunk_bytes)
         array_dir = directory / name.replace("/", ".")  # Orbax's name for a tree path without OCDBT
         array_dir.mkdir()
-        (array_dir / "zarr.json").write_text(json.dumps(_zarr_metadata(source.shape, dtype, chunk)))
+        (array_dir / "zarr.json").write_text(json.dumps(_zarr_metadata(source.shape, dtype, chunk, conversion_id)))
         for region in chunk_regions(tuple(source.shape), chunk):
             index = [r.start // c for r, c in zip(region, chunk, strict=True)]
             path = array_dir.joinpath("c", *map(str, index))
@@ -250,6 +265,7 @@ def write_params(
     pytree, step = _orbax_metadata([name for name, _ in arrays])
     (directory / "_METADATA").write_text(json.dumps(pytree))
     (directory / "_CHECKPOINT_METADATA").write_text(json.dumps(step))
+    return conversion_id
 
 
 def write_manifest(
@@ -259,13 +275,16 @@ def write_manifest(
     *,
     source: dict | None = None,
     writer: str = "glm4_jax.checkpoint.save",
+    conversion_id: str,
 ) -> None:
-    """Writes manifest.json: the format, the versions, every parameter's shape and dtype, and the source files."""
+    """Writes manifest.json: the format, the versions, the conversion id of params/ (from `write_params`), every
+    parameter's shape and dtype, and the source files."""
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "writer": writer,
         "converter_version": package_version(),
+        "conversion_id": conversion_id,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": cfg.dtype,
         "quantization": None if cfg.quant is None else {"scheme": cfg.quant, "group_size": cfg.group_size},
@@ -290,9 +309,9 @@ def save(path: str | os.PathLike, model_or_params, cfg: Config, *, overwrite: bo
     layout = cfg.stored_layout()
     params = unflatten((name, NumpySource(x, np_dtype(layout[name][2]))) for name, x in flatten(params))
     with staging_dir(path, overwrite=overwrite) as tmp:
-        write_params(tmp / PARAMS_DIR, params, cfg)
+        conversion_id = write_params(tmp / PARAMS_DIR, params, cfg)
         cfg.save(tmp / CONFIG)
-        write_manifest(tmp, cfg, params)
+        write_manifest(tmp, cfg, params, conversion_id=conversion_id)
 
 
 # ---- checking and loading -------------------------------------------------------------------------------------
@@ -348,10 +367,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(f"{mpath}: format {fmt!r} is not {FORMAT!r}; not a glm4-jax checkpoint")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
             f"{mpath}: format version {version!r}; this glm4-jax ({package_version()}) reads up to {FORMAT_VERSION}"
         )
+    if version >= 2 and not (isinstance(manifest.get("conversion_id"), str) and manifest["conversion_id"]):
+        raise CheckpointError(f"{mpath}: conversion_id {manifest.get('conversion_id')!r} is not a string")
     if not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path}: no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
     return manifest
@@ -369,10 +390,16 @@ def check(path: str | os.PathLike) -> tuple[Config, dict]:
     manifest = read_manifest(path)
     cfg = Config.from_file(path / CONFIG)
     want = {name: (tuple(a.shape), np.dtype(a.dtype).name) for name, a in flatten(expected_params(cfg))}
-    listed = {name: (tuple(v["shape"]), v["dtype"]) for name, v in manifest.get("params", {}).items()}
+    try:
+        listed = {name: (tuple(v["shape"]), v["dtype"]) for name, v in manifest.get("params", {}).items()}
+    except (AttributeError, KeyError, TypeError):
+        raise CheckpointError(f"{path / MANIFEST}: params is not a map of shape and dtype per parameter") from None
     if listed != want:
         diff = sorted(k for k in set(want) | set(listed) if want.get(k) != listed.get(k))
         raise CheckpointError(f"{path / MANIFEST}: parameters {diff} do not match {CONFIG}")
+    if version_of(manifest) >= 2:  # each zarr.json as written, with the manifest's conversion id
+        for name, (shape, dtype) in want.items():
+            array_metadata(path, name, shape, dtype, manifest["conversion_id"])
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             stored = ckptr.metadata(path.absolute() / PARAMS_DIR).item_metadata.tree
@@ -382,6 +409,96 @@ def check(path: str | os.PathLike) -> tuple[Config, dict]:
     for name, (shape, _) in want.items():
         if have.get(name) != shape:
             raise CheckpointError(f"{path / PARAMS_DIR}: {name} is {have.get(name)}, expected {shape}")
+    return cfg, manifest
+
+
+def version_of(manifest: dict) -> int:
+    return manifest["format_version"]
+
+
+def array_metadata(path: pathlib.Path, name: str, shape: tuple[int, ...], dtype: str, conversion_id: str) -> dict:
+    """The zarr.json of parameter `name`, after checking that it is exactly what `write_params` writes for this
+    shape and dtype (little-endian bytes and a crc32c, no other codec, a regular chunk grid) and that it carries
+    the manifest's conversion id: params/ from another conversion, or an edited zarr.json, are refused."""
+    where = path / PARAMS_DIR / name.replace("/", ".") / "zarr.json"
+    try:
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: unreadable array metadata of {name} ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: the array metadata of {name} is not a JSON object")
+    attributes = meta.get("attributes")
+    got_id = attributes.get("glm4_jax_conversion_id") if isinstance(attributes, dict) else None
+    if got_id != conversion_id:
+        raise CheckpointError(
+            f"{where}: {name} belongs to conversion {got_id!r}, the manifest to {conversion_id!r}: params/ is not "
+            "the one this manifest was written with (copied from another checkpoint?); convert again"
+        )
+    try:
+        chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        ok_chunk = len(chunk) == len(shape) and all(type(c) is int and c > 0 for c in chunk)
+    except (KeyError, TypeError):
+        ok_chunk = False
+    checks = (
+        ("shape", meta.get("shape") == list(shape)),
+        ("data_type", meta.get("data_type") == dtype),
+        ("codecs", meta.get("codecs") == CODECS),
+        ("chunk_grid", ok_chunk and meta["chunk_grid"].get("name") == "regular"),
+        ("chunk_key_encoding", meta.get("chunk_key_encoding") == {"name": "default"}),
+        ("fill_value", meta.get("fill_value") == 0.0),
+    )
+    for field, ok in checks:
+        if not ok:
+            raise CheckpointError(
+                f"{where}: {name} has {field} {meta.get(field)!r}, not what glm4-jax writes for {dtype} "
+                f"{list(shape)} (an edited zarr.json?)"
+            )
+    return meta
+
+
+def _chunk_bytes(array_dir: pathlib.Path, name: str, index, nbytes: int, checksummed: bool) -> bytes:
+    """The data bytes of one stored chunk, its crc32c checked when the array has one."""
+    where = array_dir.joinpath("c", *map(str, index))
+    want = nbytes + (CRC_BYTES if checksummed else 0)
+    try:
+        with open(where, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(want) if size == want else b""
+    except OSError as e:
+        raise CheckpointError(f"{where}: chunk {list(index)} of {name} is unreadable ({e.strerror or e})") from None
+    if size != want or len(data) != want:
+        raise CheckpointError(f"{where}: chunk {list(index)} of {name} has {size} bytes, expected {want}")
+    if checksummed:
+        stored = int.from_bytes(data[nbytes:], "little")
+        actual = crc32c(memoryview(data)[:nbytes])
+        if stored != actual:
+            raise CheckpointError(
+                f"{where}: chunk {list(index)} of {name} is corrupt (crc32c {actual:08x}, stored {stored:08x})"
+            )
+        return memoryview(data)[:nbytes]
+    return data
+
+
+def verify(path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> tuple[Config, dict]:
+    """Checks the whole checkpoint at `path`: `check`, then every chunk of every array read and its crc32c
+    compared, one chunk at a time (memory stays at one chunk). `progress(nbytes)` after each chunk. Returns
+    (config, manifest); raises CheckpointError naming the parameter and the chunk at fault."""
+    path = pathlib.Path(path)
+    cfg, manifest = check(path)
+    if version_of(manifest) < 2:
+        raise CheckpointError(
+            f"{path}: format version {version_of(manifest)} stores no checksums; convert it again to verify it"
+        )
+    for name, spec in flatten(expected_params(cfg)):
+        meta = array_metadata(path, name, tuple(spec.shape), np.dtype(spec.dtype).name, manifest["conversion_id"])
+        chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        nbytes = math.prod(chunk) * np.dtype(spec.dtype).itemsize
+        array_dir = path / PARAMS_DIR / name.replace("/", ".")
+        for region in chunk_regions(tuple(spec.shape), chunk):
+            index = [r.start // c for r, c in zip(region, chunk, strict=True)]
+            _chunk_bytes(array_dir, name, index, nbytes, True)
+            if progress is not None:
+                progress(nbytes)
     return cfg, manifest
 
 
@@ -395,16 +512,47 @@ def _restore(path: pathlib.Path, cfg: Config, shardings: dict) -> dict:
         return ckptr.restore(path.absolute() / PARAMS_DIR, args=ocp.args.StandardRestore(target))
 
 
+def data_error(path: pathlib.Path, error: BaseException) -> CheckpointError:
+    """A CheckpointError naming the parameter and chunk that a TensorStore read error (wrapped by Orbax) is
+    about: "Digest mismatch" is a chunk whose crc32c does not match its bytes."""
+    import re
+
+    texts, seen = [], error
+    while seen is not None and len(texts) < 8:
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    pattern = re.compile(r'"([^"]*/' + PARAMS_DIR + r'/([^/"]+)/c/([0-9/]+))"')
+    found = next(((m, t) for t in texts for m in [pattern.search(t)] if m), None)
+    if found is None:
+        first = next((t.strip().splitlines()[0] for t in texts if t.strip()), type(error).__name__)
+        return CheckpointError(f"{path / PARAMS_DIR}: reading the arrays failed ({first[:300]})")
+    (file, array, index), text = found[0].groups(), found[1]
+    name = array.replace(".", "/")
+    if "Digest mismatch" in text:
+        what = "is corrupt (crc32c mismatch)"
+    elif "is missing" in text:
+        what = "is unreadable (the file is missing)"
+    else:
+        what = f"is unreadable ({text.strip().splitlines()[0][:200]})"
+    chunk = [int(i) for i in index.split("/")]
+    return CheckpointError(f"{file}: chunk {chunk} of {name} {what}; run python -m glm4_jax.check {path}")
+
+
 def read_region(array_dir: pathlib.Path, region: tuple[slice, ...]) -> np.ndarray:
     """The block `region` (slices with start and stop) of one stored array, read from its chunk files (the zarr v3
     arrays that `write_params` writes: raw little-endian chunks, edge chunks padded), as a numpy array."""
     meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
     chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
     dtype = np_dtype(meta["data_type"])
+    if meta.get("codecs") not in (CODECS, CODECS[:1]):  # format 2, or format 1 (no checksum)
+        raise CheckpointError(f"{array_dir / 'zarr.json'}: codecs {meta.get('codecs')!r} are not ours")
+    checksummed = meta["codecs"] == CODECS
     out = np.empty(tuple(r.stop - r.start for r in region), dtype)
     ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunk, strict=True)]
+    nbytes = math.prod(chunk) * dtype.itemsize
     for index in itertools.product(*ranges):
-        data = np.fromfile(array_dir.joinpath("c", *map(str, index)), dtype).reshape(chunk)
+        raw = _chunk_bytes(array_dir, array_dir.name.replace(".", "/"), index, nbytes, checksummed)
+        data = np.frombuffer(raw, dtype).reshape(chunk)
         src, dst = [], []
         for i, r, c in zip(index, region, chunk, strict=True):
             lo, hi = max(r.start, i * c), min(r.stop, (i + 1) * c)
@@ -497,7 +645,10 @@ def load(
 
         shardings = param_shardings(abstract, mesh)
     if quantize is None:
-        params = _restore(path, target, shardings)
+        try:
+            params = _restore(path, target, shardings)
+        except Exception as e:  # TensorStore's errors (a crc32c mismatch, a missing chunk) come wrapped by Orbax
+            raise data_error(path, e) from None
     else:
         flat = dict(flatten(shardings))
         placed = []

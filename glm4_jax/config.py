@@ -258,12 +258,20 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """Builds a Config from any supported config.json dictionary."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json holds a {type(d).__name__}, not a JSON object")
         kind = d.get("model_type")
+        if kind is not None and not isinstance(kind, str):
+            raise ConfigError(f"model_type {kind!r} is not a string")
+        _check_fields(d, kind)
         if kind == "glm4_jax":
             fields = {f.name for f in dataclasses.fields(cls)}
             kw = {k: v for k, v in d.items() if k in fields}
             kw["eos_token_ids"] = tuple(kw.get("eos_token_ids", CHAT_STOP_IDS))
-            return cls(**kw)
+            try:
+                return cls(**kw)
+            except (TypeError, ValueError, ZeroDivisionError) as e:
+                raise ConfigError(f"a field has a wrong type or value ({e})") from None
         if kind == "chatglm":
             return _from_chatglm(d)
         if kind == "glm":
@@ -286,6 +294,10 @@ class Config:
             raise ConfigError(f"{path}: config.json not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -372,9 +384,92 @@ def preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+# The config.json fields that the readers below convert, by layout: sizes (integers >= 1), other integers (>= 0),
+# numbers (> 0), flags, and token ids (an integer >= 0 or a list of them). `_check_fields` checks each one present,
+# so a wrong type is a ConfigError naming the field, never a TypeError from deep inside.
+_SIZES = {
+    "chatglm": (
+        "hidden_size",
+        "num_attention_heads",
+        "padded_vocab_size",
+        "ffn_hidden_size",
+        "num_layers",
+        "multi_query_group_num",
+        "kv_channels",
+        "seq_length",
+    ),
+    "hf": (
+        "hidden_size",
+        "num_attention_heads",
+        "vocab_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "original_max_position_embeddings",
+    ),
+}
+_NUMBERS = {
+    "chatglm": ("rope_ratio", "layernorm_epsilon"),
+    "hf": ("rope_theta", "partial_rotary_factor", "rms_norm_eps"),
+}
+_FLAGS = (
+    "rmsnorm",
+    "post_layer_norm",
+    "add_bias_linear",
+    "apply_residual_connection_post_layernorm",
+    "tie_word_embeddings",
+    "multi_query_attention",
+    "add_qkv_bias",
+    "attention_bias",
+)
+
+
+_MAY_BE_NULL = {"num_key_value_heads", "head_dim", "original_max_position_embeddings", "pad_token_id"}  # defaults
+
+
+def _check_fields(d: dict[str, Any], kind: str | None) -> None:
+    layout = "chatglm" if kind == "chatglm" else "hf" if kind in ("glm", "glm4") else None
+    if layout is None:
+        return
+    for key in (*_SIZES[layout], *_NUMBERS[layout], *_FLAGS, "eos_token_id"):
+        if key in d and d[key] is None and key not in _MAY_BE_NULL:
+            raise ConfigError(f"{key} is null; give it a value or leave it out")
+    for key in _SIZES[layout]:
+        v = d.get(key)
+        if v is not None and not (type(v) is int and 1 <= v <= 2**40):
+            raise ConfigError(f"{key} is {v!r}; it must be a positive integer")
+    for key in _NUMBERS[layout]:
+        v = d.get(key)
+        if v is not None and not (type(v) in (int, float) and 0 < v < 1e30):
+            raise ConfigError(f"{key} is {v!r}; it must be a number > 0")
+    for key in _FLAGS:
+        v = d.get(key)
+        if v is not None and type(v) is not bool:
+            raise ConfigError(f"{key} is {v!r}; it must be true or false")
+    for key in ("eos_token_id", "pad_token_id"):
+        v = d.get(key)
+        ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+        if v is not None and not (ids and all(type(i) is int and 0 <= i < 2**40 for i in ids)):
+            raise ConfigError(
+                f"{key} is {v!r}; it must be a token id (an integer >= 0){' or a list' * (key[0] == 'e')}"
+            )
+    for key in ("rope_scaling", "rope_parameters"):
+        v = d.get(key)
+        if isinstance(v, dict):
+            for name in ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                x = v.get(name)
+                if x is not None and not (type(x) in (int, float) and 0 <= x < 1e30):
+                    raise ConfigError(f"{key}.{name} is {x!r}; it must be a number >= 0")
+            x = v.get("original_max_position_embeddings")
+            if x is not None and not (type(x) is int and 1 <= x <= 2**40):
+                raise ConfigError(f"{key}.original_max_position_embeddings is {x!r}; it must be a positive integer")
+
+
 def _require(d: dict[str, Any], key: str):
-    if key not in d:
-        raise ConfigError(f"config.json has no {key!r}")
+    if d.get(key) is None:
+        raise ConfigError(f"config.json has no {key!r}" if key not in d else f"{key} is null; it must be set")
     return d[key]
 
 
@@ -399,7 +494,7 @@ def _from_chatglm(d: dict[str, Any]) -> Config:
         intermediate_size=int(_require(d, "ffn_hidden_size")),
         num_layers=int(_require(d, "num_layers")),
         num_heads=heads,
-        num_kv_heads=int(d["multi_query_group_num"]) if mq else heads,
+        num_kv_heads=int(_require(d, "multi_query_group_num")) if mq else heads,
         head_dim=int(d.get("kv_channels", hidden // heads)),
         # Computed here on purpose: rope_ratio scales the base 10000.
         rope_theta=10000.0 * float(d.get("rope_ratio", 1.0)),

@@ -71,6 +71,39 @@ class ScratchBuffer:
         return buf[:nbytes]
 
 
+def _crc32c_tensorstore(data) -> int:
+    """CRC-32C through TensorStore's zarr v3 `crc32c` codec (a chunk written to an in-memory store carries it in
+    its last 4 bytes): the fallback where the `crc32c` package is not installed."""
+    import tensorstore as ts
+
+    buf = np.frombuffer(data, np.uint8)
+    if not buf.size:
+        return 0
+    n = buf.size
+    meta = {
+        "shape": [buf.size],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [n]}},
+        "data_type": "uint8",
+        "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+        "fill_value": 0,
+    }
+    spec = {"driver": "zarr3", "kvstore": {"driver": "memory"}, "metadata": meta, "create": True}
+    store = ts.open({**spec, "store_data_equal_to_fill_value": True}).result()
+    store[...] = buf
+    stored = store.kvstore.read("c/0").result().value
+    return int.from_bytes(stored[-4:], "little")
+
+
+def crc32c(data) -> int:
+    """The CRC-32C (Castagnoli) of a buffer, the checksum of zarr v3's `crc32c` codec: with the `crc32c` package
+    (hardware, about 10 GB/s) when installed, else through TensorStore (about 0.2 GB/s)."""
+    try:
+        import crc32c as fast
+    except ImportError:
+        return _crc32c_tensorstore(data)
+    return fast.crc32c(data)
+
+
 def write_all(fd: int, data: memoryview, path: str) -> None:
     while len(data):
         n = os.write(fd, data)

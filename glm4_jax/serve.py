@@ -910,8 +910,8 @@ def create_app(svc: Service):
                 glm_messages, glm_tools = _plain_messages(messages), _plain_tools(tools, tool_choice)
         except APIError:
             raise
-        except Exception as e:  # ToolRequestError (with .param) or ValueError
-            raise _bad(getattr(e, "param", None) or "messages", getattr(e, "message", None) or str(e)) from None
+        except ValueError as e:  # ToolRequestError: "param: message", with .param
+            raise APIError(400, str(e), param=getattr(e, "param", None) or "messages") from None
         try:
             ids = svc.tok.apply_chat_template(glm_messages, add_generation_prompt=True, tools=glm_tools)
         except (ValueError, TypeError) as e:
@@ -1001,6 +1001,7 @@ def create_app(svc: Service):
                     yield chunk(c, {"role": "assistant", "content": ""})
                 parsers = {c.index: tc.ToolCallStream(glm_tools) for c in choices} if glm_tools and tc else {}
                 saw_call = {c.index: False for c in choices}
+                saw_content = {c.index: False for c in choices}
                 async for c, t, lp, reason in job.events_until_done(None):
                     c.feed(t, lp) if reason is None else c.done(reason)
                     entries = c.release_logprobs()
@@ -1036,7 +1037,11 @@ def create_app(svc: Service):
                                 d["function"] = fn
                                 yield chunk(c, {"tool_calls": [d]})
                             elif ev.text:
-                                yield chunk(c, {"content": ev.text})
+                                text = ev.text
+                                if not saw_content[c.index]:  # the newline after <|assistant|>
+                                    text, saw_content[c.index] = text.removeprefix("\n"), True
+                                if text:
+                                    yield chunk(c, {"content": text})
                         if entries:
                             yield chunk(c, {}, entries)
                         if reason is not None:

@@ -69,3 +69,21 @@ def test_lm_eval_local_chat_completions(server_url, tmp_path):
     )
     assert 0.0 <= res["results"]["glm4_local_gen"]["exact_match,none"] <= 1.0
     assert res["n-samples"]["glm4_local_gen"]["effective"] == 4
+
+
+def test_remote_tokenizer_endpoints(server_url):
+    import httpx
+
+    plain = httpx.post(f"{server_url}/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+    full = httpx.post(f"{server_url}/tokenize", json={"prompt": "hello world"}).json()
+    assert plain["tokens"] and full["tokens"][2:] == plain["tokens"] and len(full["tokens"]) == len(plain["tokens"]) + 2
+    assert httpx.post(f"{server_url}/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": "hello world"}
+    info = httpx.get(f"{server_url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>"
+    for body, param in (({"tokens": [10**9]}, "tokens"), ({"tokens": "x"}, "tokens")):
+        r = httpx.post(f"{server_url}/detokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = httpx.post(f"{server_url}/tokenize", json={"prompt": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    health = httpx.get(f"{server_url}/health").json()
+    assert health["engine_idle"] is True and health["inflight"] == 0

@@ -693,7 +693,43 @@ def create_app(svc: Service):
                 "inflight": svc.inflight,
                 **svc.stats,
             }
+        engine = getattr(svc, "engine", None)
+        body["engine_idle"] = engine.idle if engine is not None else None  # no request queued, running or prefilling
         return JSONResponse(body, status_code=status)
+
+    # The tokenizer endpoints of lm-evaluation-harness's remote tokenizer (`tokenizer_backend=remote`), so that it
+    # can score loglikelihood tasks through /v1/completions with token-id prompts and nothing downloaded.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        auth(request)
+        svc.check_open()
+        eos = svc.tok.decode([min(svc.eos_ids)])
+        return {"eos_token": eos, "bos_token": None, "pad_token": None, "model_max_length": svc.max_len}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        auth(request)
+        svc.check_open()
+        body = await read_json(request)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise _bad("prompt", "must be a string")
+        add_special = _get(body, "add_special_tokens", (bool,), True)
+        tokens = svc.tok.encode_prompt(text) if add_special else svc.tok.encode(text)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": svc.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        auth(request)
+        svc.check_open()
+        body = await read_json(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise _bad("tokens", "must be a list of token ids")
+        bad = [t for t in tokens if not 0 <= t < svc.tok.n_vocab]
+        if bad:
+            raise _bad("tokens", f"token id {bad[0]} is outside the vocabulary [0, {svc.tok.n_vocab})")
+        return {"prompt": svc.tok.decode(tokens)}
 
     def model_card():
         return {"id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "glm4-jax",

@@ -1,7 +1,7 @@
 """glm4-jax against transformers' GlmForCausalLM on the same device, in one call, with the ratios.
 
     python benchmarks/vs_transformers.py                       # random glm-4-9b-chat weights, bf16, on the GPU
-    python benchmarks/vs_transformers.py --tiny --device cpu   # a smoke test of the script itself
+    python benchmarks/vs_transformers.py --tiny                # a smoke test of the script itself (CPU is fine)
 
 Runs `python -m glm4_jax.bench --json` in a subprocess (JAX takes the GPU while it runs), then the same workloads
 through transformers in this process: decode with a static cache compiled by torch.compile (the fastest
@@ -55,12 +55,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_hf(args) -> list[dict]:
+def run_hf(args, model=None) -> list[dict]:
+    """The decode and prefill workloads of `args` through transformers (`model`, default `hf_model(args)`)."""
     import torch
 
-    model = hf_model(args)
+    model = hf_model(args) if model is None else model
     vocab = model.config.vocab_size
     rows = []
+    if args.compile:  # once: each new shape recompiles the same wrapper
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     for item in filter(None, args.decode.split(",")):
         batch, prompt = (int(x) for x in item.split("x"))
         ids = torch.randint(0, min(vocab, 151329), (batch, prompt), device=args.device)
@@ -71,8 +74,6 @@ def run_hf(args) -> list[dict]:
             cache_implementation="static",
             pad_token_id=0,
         )
-        if args.compile:
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         with torch.no_grad():
             t = time.perf_counter()
             model.generate(ids, **kw)  # compiles
@@ -115,13 +116,24 @@ def run_hf(args) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny random model (a smoke test of this script)")
-    p.add_argument("--device", default="cuda", help="torch device (default cuda)")
-    p.add_argument("--decode", default="1x128,64x1024")
-    p.add_argument("--prefill", default="8192")
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--device", help="torch device (default cuda when there is one, else cpu)")
+    p.add_argument("--decode", help="default 1x128,64x1024 (--tiny: 1x32,4x64)")
+    p.add_argument("--prefill", help="default 8192 (--tiny: 256)")
+    p.add_argument("--new-tokens", type=int, help="default 128 (--tiny: 16)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="transformers without torch.compile")
     args = p.parse_args(argv)
+    import torch
+
+    tiny = {"decode": "1x32,4x64", "prefill": "256", "new_tokens": 16}
+    full = {"decode": "1x128,64x1024", "prefill": "8192", "new_tokens": 128}
+    for name, value in (tiny if args.tiny else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # torch.compile's reduce-overhead mode is CUDA graphs; on the CPU transformers runs eager.
+    args.compile = args.compile and args.device.startswith("cuda")
 
     ours = {r["workload"]: r for r in run_jax(args)["rows"]}
     theirs = run_hf(args)

@@ -40,6 +40,7 @@ _EXPORTS = {
             "global_input",
             "init_cache",
             "init_sharded_model",
+            "random_model",
             "jit_forward",
             "param_shardings",
             "param_tree",

@@ -56,12 +56,13 @@ from glm4_jax.engine import (
     pick,
 )
 from glm4_jax.model import GLM4, KVCache
-from glm4_jax.sampling import RowSampling, SamplingParams
+from glm4_jax.sampling import RowSampling, SamplingParams, _penalized, _tempered
 
 Array = jax.Array
 
 MAX_STOP_IDS = 8  # stop ids per request (GLM-4 chat uses 3)
 DEFAULT_SLOTS = 8
+TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for per token
 
 
 # ---- the device state and the compiled pieces ----------------------------------------------------------------
@@ -100,6 +101,16 @@ class Slots:
         )
 
 
+def _logprobs(logits: Array, rows: RowSampling, n_vocab: int, seen: Array, tok: Array):
+    """Log-probabilities of the distribution the sampler draws from (repetition penalty, vocabulary mask and
+    temperature applied; greedy rows: the penalized logits; top-k and top-p not applied): (of `tok` [B], the
+    TOP_LOGPROBS most probable ids [B, K] int32, their log-probabilities [B, K])."""
+    lp = jax.nn.log_softmax(_tempered(_penalized(logits, rows, n_vocab, seen), rows), axis=-1)
+    chosen = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
 def _decode_step(graphdef, n_vocab: int, pad_id: int, state, s: Slots, cancel: Array):
     """One token for every active slot.
 
@@ -108,7 +119,7 @@ def _decode_step(graphdef, n_vocab: int, pad_id: int, state, s: Slots, cancel: A
       cancel: [B] bool, rows to stop before this step (cancelled from outside).
     Returns:
       (slots, tokens [B] int32 (the pad id on rows that did not decode), emitted [B] bool (the row decoded),
-      finished [B] bool (the row's request ended with this token)).
+      finished [B] bool (the row's request ended with this token), logprobs (`_logprobs` of the tokens)).
     """
     model = nnx.merge(graphdef, state)
     active = s.active & ~cancel
@@ -117,6 +128,7 @@ def _decode_step(graphdef, n_vocab: int, pad_id: int, state, s: Slots, cancel: A
     logits, cache = model(tokens, positions, s.cache, logits="last")
     cache = dataclasses.replace(cache, end=jnp.where(active, cache.end, s.cache.end))
     tok, hit, seen = pick(logits[:, 0], s.key, s.n, s.sampling, n_vocab, s.seen, s.stops)
+    lp = _logprobs(logits[:, 0], s.sampling, n_vocab, s.seen, tok)
     n = s.n + active
     finished = active & (hit | (n >= s.budget))
     s = dataclasses.replace(
@@ -128,7 +140,7 @@ def _decode_step(graphdef, n_vocab: int, pad_id: int, state, s: Slots, cancel: A
         active=active & ~finished,
         seen=seen,
     )
-    return s, jnp.where(active, tok, pad_id), active, finished
+    return s, jnp.where(active, tok, pad_id), active, finished, lp
 
 
 def _set_row(big, row, slot: Array, axis: int = 0):
@@ -163,10 +175,11 @@ def _insert(
       slot, length, budget: [] int32: the row, the prompt's length (the next position), the token budget.
       key: [1] the request's PRNG key; sampling: [1] arrays; stops [1, MAX_STOP_IDS]; seen [1, V] (the prompt).
     Returns:
-      (slots, first token [] int32, finished [] bool).
+      (slots, first token [] int32, finished [] bool, logprobs (`_logprobs` of the token, batch 1)).
     """
     zero = jnp.zeros((1,), jnp.int32)
     k, v, pos = pcache.k[:, :1], pcache.v[:, :1], pcache.pos[:1]  # [L, 1, S, K, H], [1, S]
+    lp = functools.partial(_logprobs, logits[:1], sampling, n_vocab, seen)
     tok, hit, seen = pick(logits[:1], key, zero, sampling, n_vocab, seen, stops)
     finished = hit[0] | (budget <= 1)
     cache = KVCache(
@@ -187,7 +200,7 @@ def _insert(
     )
     fields = {name: _set_row(getattr(s, name), value, slot) for name, value in row.items()}
     s = dataclasses.replace(s, cache=cache, key=s.key.at[slot].set(key[0]), **fields)
-    return s, tok[0], finished
+    return s, tok[0], finished, lp(tok)
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
@@ -205,11 +218,14 @@ class Request:
     stop_ids: tuple[int, ...]
     on_token: Callable[[Request, int], None] | None = None  # called on the engine thread, once per new id
     on_done: Callable[[Request], None] | None = None  # called once when it ends (any reason)
+    logprobs: int | None = None  # None: no log-probabilities; k: each id's and the top k (<= TOP_LOGPROBS)
     ids: list[int] = dataclasses.field(default_factory=list)  # generated ids (a stop id included)
     stop_reason: str | None = None  # "stop_id", "max_new_tokens", "cache_full" or "cancelled"
     budget: int = 0  # the tokens it may choose: max_new_tokens, or fewer when its prompt leaves less cache
     t_submit: float = 0.0  # time.perf_counter() at submit
     token_times: list[float] = dataclasses.field(default_factory=list)  # perf_counter() when each id was read
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)  # with `logprobs`: each id's (`_logprobs`)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # the top k per id
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
     _cancel: bool = False
 
@@ -352,8 +368,13 @@ class Engine:
         stop_ids: Sequence[int] | None = None,
         on_token: Callable[[Request, int], None] | None = None,
         on_done: Callable[[Request], None] | None = None,
+        logprobs: int | None = None,
     ) -> Request:
-        """Queues a request (any thread). Raises GenerationError for a request that can never run."""
+        """Queues a request (any thread). Raises GenerationError for a request that can never run. With
+        `logprobs` k, each new id's log-probability and the top k go into `token_logprobs` and `top_logprobs`
+        before `on_token` is called."""
+        if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS:
+            raise GenerationError(f"logprobs must be in [0, {TOP_LOGPROBS}], got {logprobs}")
         (prompt,) = self.gen._check_prompts([prompt])
         s = self.gen.settings(sampling, max_new_tokens, stop_ids)
         if len(s.stop_ids) > MAX_STOP_IDS:
@@ -368,6 +389,7 @@ class Engine:
             stop_ids=s.stop_ids,
             on_token=on_token,
             on_done=on_done,
+            logprobs=logprobs,
             t_submit=time.perf_counter(),
         )
         with self._wake:
@@ -415,23 +437,25 @@ class Engine:
 
     def _decode(self, cancel: np.ndarray) -> None:
         fn = functools.partial(_decode_step, self.gen.graphdef, self.gen.n_vocab, self.gen.pad_id)
-        sh = None if self._sh is None else (self._sh, None, None, None)
+        sh = None if self._sh is None else (self._sh, None, None, None, None)
         step = self.gen._compiled("step", (), fn, (1,), self.gen.state, self._state, cancel, out_shardings=sh)
         with self.gen._mesh_context():
-            self._state, tok, emitted, finished = step(self.gen.state, self._state, cancel)
-        self._pending = (tok, emitted, finished, cancel, dict(self._running))
+            self._state, tok, emitted, finished, lp = step(self.gen.state, self._state, cancel)
+        self._pending = (tok, emitted, finished, lp, cancel, dict(self._running))
         self.steps += 1
 
     def _read_decode(self, pending) -> None:
         """Hands out the ids of a decode step to the requests that ran in it, and evicts those that ended."""
-        tok, emitted, finished, cancel, ran = pending
-        tok, emitted, finished = jax.device_get((tok, emitted, finished))
+        tok, emitted, finished, lp, cancel, ran = pending
+        if not any(r.logprobs is not None for r in ran.values()):
+            lp = None  # read only when a request asks
+        tok, emitted, finished, lp = jax.device_get((tok, emitted, finished, lp))
         now = time.perf_counter()
         for slot, r in ran.items():
             if r.finished:  # ended at the step before (the host learns it one step late when pipelined)
                 continue
             if emitted[slot]:
-                self._emit(r, int(tok[slot]), now)
+                self._emit(r, int(tok[slot]), now, None if lp is None else [x[slot] for x in lp])
             if cancel[slot] or finished[slot]:
                 if self._running.get(slot) is r:
                     del self._running[slot]
@@ -482,20 +506,27 @@ class Engine:
             stops,
             seen,
         )
-        sh = None if self._sh is None else (self._sh, None, None)
+        sh = None if self._sh is None else (self._sh, None, None, None)
         fn = functools.partial(_insert, self.gen.n_vocab)
         insert = self.gen._compiled("insert", (), fn, (0,), *args, out_shardings=sh)
         with self.gen._mesh_context():
-            self._state, tok, finished = insert(*args)
-        tok, finished = jax.device_get((tok, finished))
+            self._state, tok, finished, lp = insert(*args)
+        tok, finished, lp = jax.device_get((tok, finished, lp if r.logprobs is not None else None))
         r.budget = budget
-        self._emit(r, int(tok), time.perf_counter())
+        self._emit(r, int(tok), time.perf_counter(), None if lp is None else [x[0] for x in lp])
         if finished:
             self._finish(r, self._reason(r))
         else:
             self._running[p.slot] = r
 
-    def _emit(self, r: Request, tok: int, now: float) -> None:
+    def _emit(self, r: Request, tok: int, now: float, lp=None) -> None:
+        """Hands out one id; `lp` is its row of `_logprobs` (host arrays) when the request asked for them."""
+        if r.logprobs is not None and lp is not None:
+            chosen, ids, vals = lp
+            r.token_logprobs.append(float(chosen))
+            r.top_logprobs.append(
+                [(int(i), float(v)) for i, v in zip(ids[: r.logprobs], vals[: r.logprobs], strict=True)]
+            )
         r.ids.append(tok)
         r.token_times.append(now)
         if r.on_token is not None:

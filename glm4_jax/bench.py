@@ -1,5 +1,6 @@
 """`python -m glm4_jax.bench`: measure prefill and decode on your own hardware.
 
+    python -m glm4_jax.bench --random tiny                                # a smoke test, its own defaults
     python -m glm4_jax.bench --random glm-4-9b-chat                       # random full-size weights, bf16
     python -m glm4_jax.bench --ckpt out/glm-4-9b-chat --decode 1x128,64x1024 --prefill 8192,131072 --json
     python -m glm4_jax.bench --random glm-4-9b-chat --mesh tensor=8        # on 8 devices
@@ -163,23 +164,84 @@ def gen_model(gen: Generator):
     return nnx.merge(gen.graphdef, gen.state)
 
 
-def load_model(args, mesh):
+def model_config(args):
+    """The model's Config from the arguments alone (no JAX): the preset, or the checkpoint's config.json (None when
+    it cannot be read: `load` then says why)."""
+    if args.ckpt:
+        import os
+
+        from glm4_jax.config import Config
+
+        path = os.path.join(args.ckpt, "config.json")
+        if not os.path.isfile(path):
+            return None
+        cfg = Config.from_file(path)
+        if args.dtype:
+            cfg = cfg.replace(dtype=args.dtype)
+        return cfg.replace(quant=args.quantize, group_size=args.group_size) if args.quantize else cfg
+    from glm4_jax.fixtures import TINY
+
+    cfg = TINY if args.random == "tiny" else preset(args.random)
+    return cfg.replace(dtype=args.dtype or "bfloat16", quant=args.quantize, group_size=args.group_size)
+
+
+def default_prefill(cfg) -> str:
+    """8192 tokens, or the largest power of two that fits the model's context with its one new token."""
+    n = 8192
+    while cfg is not None and n + 1 > cfg.max_seq_len and n > 1:
+        n //= 2
+    return str(n)
+
+
+def memory_needed(cfg, workloads, new_tokens: int, kv_cache: str | None = None) -> int:
+    """Bytes the weights and the largest workload's KV cache take (activations not counted)."""
+    weights = sum(math.prod(shape) * np_dtype(dt).itemsize for shape, _, dt in cfg.stored_layout().values())
+    cache = 0
+    for kind, batch, prompt in workloads:
+        slots = prompt + (new_tokens if kind == "decode" else 1)
+        layout = cfg.cache_layout(batch, slots, kv_cache)
+        cache = max(cache, sum(math.prod(shape) * np_dtype(dt).itemsize for shape, _, dt in layout.values()))
+    return weights + cache
+
+
+def check_fit(cfg, workloads, new_tokens: int, kv_cache: str | None, device_bytes: int | None) -> None:
+    """Refuses (BenchError) a workload longer than the model's context, or weights plus cache beyond the memory of
+    the device(s), before anything is built."""
+    if cfg is None:
+        return
+    for kind, batch, prompt in workloads:
+        need = prompt + (new_tokens if kind == "decode" else 1)
+        if need > cfg.max_seq_len:
+            raise BenchError(
+                f"{kind} {batch}x{prompt} needs {need} tokens of context, more than the model's {cfg.max_seq_len}"
+            )
+    need = memory_needed(cfg, workloads, new_tokens, kv_cache)
+    if device_bytes and need > device_bytes:
+        raise BenchError(
+            f"the weights and the largest KV cache need {need / 2**30:.1f} GiB, more than the "
+            f"{device_bytes / 2**30:.1f} GiB of device memory"
+        )
+
+
+def device_memory(mesh) -> int | None:
+    """Bytes the allocator may use on the devices of `mesh` (all devices: one) together; None when unknown (CPU)."""
+    import jax
+
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+    return None if None in limits else sum(limits)
+
+
+def load_model(args, mesh, cfg=None):
     if args.ckpt:
         from glm4_jax import checkpoint
 
         return checkpoint.load(
             args.ckpt, mesh=mesh, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
         )
-    import jax
+    from glm4_jax.placement import random_model
 
-    from glm4_jax.fixtures import TINY
-
-    cfg = TINY if args.random == "tiny" else preset(args.random)
-    cfg = cfg.replace(dtype=args.dtype or "bfloat16", quant=args.quantize, group_size=args.group_size)
-    from glm4_jax.placement import init_sharded_model
-    from glm4_jax.sharding import make_mesh
-
-    return init_sharded_model(cfg, mesh if mesh is not None else make_mesh(None, devices=jax.devices()[:1]))
+    return random_model(cfg if cfg is not None else model_config(args), mesh)
 
 
 def format_table(rows: list[Row], info: dict) -> str:
@@ -224,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="random weights of a preset: glm-4-9b, glm-4-9b-chat, glm-4-9b-chat-1m, or tiny (a smoke test)",
     )
     p.add_argument("--decode", default="1x128", metavar="BxP,...", help="decode workloads (default 1x128)")
-    p.add_argument("--prefill", default="8192", metavar="T,...", help="prefill workloads (default 8192)")
+    p.add_argument(
+        "--prefill", metavar="T,...", help="prefill workloads (default 8192, or what fits a shorter context)"
+    )
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per decode workload (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (default 3)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (default 2048)")
@@ -243,12 +307,15 @@ def main(argv=None) -> int:
     try:
         if args.new_tokens < 2 or args.repeats < 1 or args.prefill_chunk < 1:
             raise BenchError("--new-tokens must be >= 2, --repeats and --prefill-chunk >= 1")
-        workloads = parse_workloads(args.decode, args.prefill)
+        cfg = model_config(args)
+        prefill = args.prefill if args.prefill is not None else default_prefill(cfg)
+        workloads = parse_workloads(args.decode, prefill)
+        check_fit(cfg, workloads, args.new_tokens, args.kv_cache, None)
         if args.mesh:
             from glm4_jax.sharding import parse_mesh_spec
 
             parse_mesh_spec(args.mesh, keep_rest=True)  # the spec's syntax, before JAX starts
-    except (BenchError, ValueError) as e:
+    except (BenchError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     import jax
@@ -262,8 +329,9 @@ def main(argv=None) -> int:
             from glm4_jax.sharding import make_mesh
 
             mesh = make_mesh(args.mesh)
+        check_fit(cfg, workloads, args.new_tokens, args.kv_cache, device_memory(mesh))
         t = time.perf_counter()
-        model = load_model(args, mesh)
+        model = load_model(args, mesh, cfg)
         jax.block_until_ready(nnx.state(model))
         load_s = time.perf_counter() - t
         longest = max(p + (args.new_tokens if k == "decode" else 1) for k, _, p in workloads)

@@ -11,6 +11,7 @@ parameter tree and cache. Everything here is importable from the top-level packa
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,140 @@ def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | No
     params = jax.jit(lambda: param_tree(init_model(cfg, seed)), out_shardings=shardings)()
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, params)
+
+
+# Random weights, block by block: a [L, D, F] normal made in one program needs its float32 draw (2x the bf16
+# bytes) and the cast next to it, and the whole tree at once about 6x the weight bytes. Here each array is filled in
+# place by a loop over blocks of at most this many float32 bytes, so the peak is the weights plus one block.
+RANDOM_BLOCK_BYTES = 64 << 20
+
+
+def _block_plan(shape: tuple[int, ...], max_bytes: int) -> tuple[int, tuple[int, ...]]:
+    """(j, block): the array is filled by a loop over the blocks of its first j axes; the block is 1 on the axes
+    before j-1, a divisor of shape[j-1] on axis j-1 and whole after it, with at most `max_bytes` of float32.
+    j = 0: the whole array is one block."""
+    j = next(k for k in range(len(shape) + 1) if 4 * math.prod(shape[k:]) <= max_bytes)
+    if j == 0:
+        return 0, tuple(shape)
+    rest, n = math.prod(shape[j:]), shape[j - 1]
+    rows = max(r for r in range(1, n + 1) if n % r == 0 and 4 * r * rest <= max_bytes)
+    return j, (1,) * (j - 1) + (rows, *shape[j:])
+
+
+@functools.cache
+def _random_filler(specs: tuple, shardings: tuple, max_bytes: int):
+    """A jitted `fill(keys) -> arrays` for `specs`, a tuple of (shape, dtype, kind): kind "normal" (std 0.02),
+    "ones", "int8" / "uint8" (uniform over the type) or "scale:<value>" (a constant). An array of more than
+    `max_bytes` of float32 is filled in place block by block (see RANDOM_BLOCK_BYTES); small ones come whole."""
+
+    def one(shape, dtype, kind, key):
+        dt = jnp.dtype(dtype)
+
+        def draw(key, block):
+            if kind == "normal":
+                return (0.02 * jax.random.normal(key, block, jnp.float32)).astype(dt)
+            lo, hi = (-127, 128) if kind == "int8" else (0, 256)
+            return jax.random.randint(key, block, lo, hi, jnp.int32).astype(dt)
+
+        if kind == "ones":
+            return jnp.ones(shape, dt)
+        if kind.startswith("scale:"):
+            return jnp.full(shape, float(kind[6:]), dt)
+        j, block = _block_plan(shape, max_bytes)
+        if j == 0:
+            return draw(key, shape)
+        counts = tuple(n // b for n, b in zip(shape[:j], block[:j], strict=True))
+
+        def body(i, out):
+            index = jnp.unravel_index(i, counts)
+            starts = [index[a] * block[a] for a in range(j)] + [0] * (len(shape) - j)
+            return jax.lax.dynamic_update_slice(out, draw(jax.random.fold_in(key, i), block), starts)
+
+        return jax.lax.fori_loop(0, math.prod(counts), body, jnp.zeros(shape, dt))
+
+    def fill(keys):
+        return tuple(one(*spec, key) for spec, key in zip(specs, keys, strict=True))
+
+    return jax.jit(fill, out_shardings=shardings)
+
+
+def _random_kind(cfg: Config, path: str, dtype: str) -> str:
+    if path.endswith("norm"):
+        return "ones"
+    if dtype in ("int8", "uint8"):
+        return dtype
+    if path.endswith("_scale"):  # scales that give the random integers a std of about 0.02, as model._param
+        return f"scale:{0.02 / (73.0 if cfg.quant == 'int8' else 4.3)}"
+    return "normal"
+
+
+def _random_groups(cfg: Config, max_bytes: int) -> list[list[tuple[int, str, tuple, str, str]]]:
+    """The arrays of `cfg.stored_layout()` as (index, path, shape, dtype, kind), grouped into programs: an array
+    larger than one block alone, small ones together up to one block of float32."""
+    groups, small, small_bytes = [], [], 0
+    for n, (path, (shape, _, dtype)) in enumerate(cfg.stored_layout().items()):
+        item = (n, path, tuple(shape), dtype, _random_kind(cfg, path, dtype))
+        size = 4 * math.prod(shape)
+        if size > max_bytes:
+            groups.append([item])
+            continue
+        if small and small_bytes + size > max_bytes:
+            groups.append(small)
+            small, small_bytes = [], 0
+        small.append(item)
+        small_bytes += size
+    return groups + ([small] if small else [])
+
+
+def random_model(
+    cfg: Config,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+    rules: Rules | None = None,
+    *,
+    block_bytes: int = RANDOM_BLOCK_BYTES,
+) -> GLM4:
+    """A GLM4 with random weights made where they live, in their stored dtype (`cfg.stored_layout()`: bf16, or the
+    int8 / int4 values and scales of `cfg.quant`), one large array at a time and each block by block, so that the
+    peak memory is the weights plus a few blocks of `block_bytes` (the benchmarks' full-size random models).
+
+    Same distributions as `init_model` (normal std 0.02, norms 1, uniform integers with scales giving std ~0.02),
+    not the same values. `mesh` None: the first device. Each array is created directly in its shards.
+    """
+    from glm4_jax.paths import unflatten
+    from glm4_jax.sharding import make_mesh
+
+    mesh = mesh if mesh is not None else make_mesh(None, devices=jax.devices()[:1])
+    abstract = abstract_model(cfg)
+    shardings = dict(flatten(param_shardings(abstract, mesh, rules)))
+    key = jax.random.key(seed)
+    params = {}
+    for group in _random_groups(cfg, block_bytes):
+        specs = tuple((shape, dtype, kind) for _, _, shape, dtype, kind in group)
+        fill = _random_filler(specs, tuple(shardings[item[1]] for item in group), block_bytes)
+        arrays = fill(tuple(jax.random.fold_in(key, item[0]) for item in group))
+        jax.block_until_ready(arrays)  # one program at a time
+        params |= {item[1]: x for item, x in zip(group, arrays, strict=True)}
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, unflatten(params.items()))
+
+
+def random_model_memory(cfg: Config, *, block_bytes: int = RANDOM_BLOCK_BYTES) -> dict:
+    """What `random_model(cfg)` holds on one device, from its compiled programs, without running them: {"weights":
+    bytes of all arrays, "peak": the most held at once (the arrays made so far plus the running program's outputs
+    and scratch), "max_temp": the largest scratch}. Compiles one program per distinct group of arrays."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    done = peak = max_temp = 0
+    for group in _random_groups(cfg, block_bytes):
+        specs = tuple((shape, dtype, kind) for _, _, shape, dtype, kind in group)
+        fill = _random_filler(specs, (sharding,) * len(group), block_bytes)
+        stats = fill.lower(tuple(jax.random.key(0) for _ in group)).compile().memory_analysis()
+        out = sum(math.prod(shape) * jnp.dtype(dtype).itemsize for shape, dtype, _ in specs)
+        temp = stats.temp_size_in_bytes if stats is not None else 0
+        peak = max(peak, done + out + temp)
+        max_temp = max(max_temp, temp)
+        done += out
+    return {"weights": done, "peak": peak, "max_temp": max_temp}
 
 
 def init_cache(

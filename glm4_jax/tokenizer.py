@@ -61,11 +61,12 @@ import codecs
 import json
 import os
 import pathlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import tiktoken
+
+from glm4_jax.toolcalls import TOOL_NAME_RE, json_object, split_call
 
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -150,7 +151,7 @@ BUILTIN_TOOLS = {
     "cogview": _COGVIEW_TOOL_TEXT,
 }
 
-_TOOL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_TOOL_NAME_RE = TOOL_NAME_RE
 
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -498,19 +499,17 @@ def parse_tool_call(text: str, tools: Iterable[Mapping[str, Any] | str] | None =
 
     Returns None for ordinary text: no newline, a first line that is not an identifier (or, with `tools`, not one of
     their names), or a rest that is not a JSON object. Only JSON arguments are read (the built-in `python` tool's
-    code body comes back None).
+    code body comes back None). The reading is `glm4_jax.toolcalls`' (which also reads several calls, the
+    built-ins and streams).
     """
-    name, newline, rest = text.partition("\n")
-    name = name.strip()
-    if not newline or not _TOOL_NAME_RE.fullmatch(name):
+    parts = split_call(text)
+    if parts is None:
         return None
+    name, body = parts
     if tools is not None and name not in tool_names(tools):
         return None
-    try:
-        arguments = json.loads(rest)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
-        return None
-    if not isinstance(arguments, dict):
+    arguments = json_object(body)  # None also for JSON nested deeper than toolcalls.MAX_JSON_DEPTH
+    if arguments is None:
         return None
     return {"name": name, "arguments": arguments}
 

@@ -18,7 +18,7 @@ PACKAGES = {"glm4_jax": "glm4_jax", "glm4_jax.convert": "convert", "glm4_jax.sha
 # Layers, lowest first: a module may import only from its own layer or below. Listed so that a new module must
 # be placed on purpose (the test fails for a module that is in no layer).
 LAYERS = [
-    {"glm4_jax", "glm4_jax.runtime", "glm4_jax.paths", "glm4_jax.config", "glm4_jax.options"},
+    {"glm4_jax", "glm4_jax.runtime", "glm4_jax.paths", "glm4_jax.config", "glm4_jax.options", "glm4_jax.toolcalls"},
     {"glm4_jax.sharding", "glm4_jax.sharding.mesh", "glm4_jax.sharding.rules", "glm4_jax.sharding.plan"},
     {"glm4_jax.kernels", "glm4_jax.ring", "glm4_jax.attention", "glm4_jax.sampling", "glm4_jax.fileio"},
     {"glm4_jax.qmatmul", "glm4_jax.quant"},
@@ -35,6 +35,7 @@ LAYERS = [
         "glm4_jax.generate",
         "glm4_jax.bench",
         "glm4_jax.demo",
+        "glm4_jax.serve",
     },
 ]
 
@@ -47,7 +48,14 @@ MODEL_CODE = {
     "glm4_jax.qmatmul",
     "glm4_jax.placement",
 }
-CLI = {"glm4_jax.generate", "glm4_jax.bench", "glm4_jax.demo", "glm4_jax.convert.__main__", "glm4_jax.check"}
+CLI = {
+    "glm4_jax.generate",
+    "glm4_jax.bench",
+    "glm4_jax.demo",
+    "glm4_jax.convert.__main__",
+    "glm4_jax.serve",
+    "glm4_jax.check",
+}
 
 
 def _module_files() -> dict[str, pathlib.Path]:

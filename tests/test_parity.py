@@ -63,8 +63,16 @@ def _hf_greedy(hf, tokens, pad_id):
     import torch
 
     hf.generation_config.eos_token_id = None  # generate all NEW_TOKENS, as our loops do
+    ids = torch.as_tensor(tokens)
+    # An explicit mask: without one transformers infers it from pad_token_id, and a random prompt may hold that id.
     with torch.no_grad():
-        ref = hf.generate(torch.as_tensor(tokens), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad_id)
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
     return ref[0, PROMPT_LEN:].tolist()
 
 

@@ -3,6 +3,7 @@
     python3 benchmarks/cp_compile.py                     # sequence=8 and sequence=16, 1,048,576 tokens
     python3 benchmarks/cp_compile.py --devices 8 --tokens 4096 --preset glm-4-9b   # smaller, faster
     python3 benchmarks/cp_compile.py --single             # also one device (for the per-device ratio)
+    python3 benchmarks/cp_compile.py --preset tiny --tokens 256 --devices 2 4 --single   # seconds (tests)
 
 For each device count N, a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N (fake CPU devices)
 lowers and compiles the cacheless prefill (`jit_forward(..., logits="last")` on mesh sequence=N, ring attention)
@@ -32,12 +33,13 @@ def worker(args) -> dict:
     import jax.numpy as jnp
 
     from glm4_jax.config import preset
+    from glm4_jax.fixtures import SHARDABLE
     from glm4_jax.model import abstract_model
     from glm4_jax.placement import abstract_params, jit_forward
     from glm4_jax.sharding import make_mesh, mesh_sizes
     from glm4_jax.sharding.plan import activation_bytes, plan_memory
 
-    cfg = preset(args.preset)
+    cfg = SHARDABLE.replace(max_seq_len=args.tokens) if args.preset == "tiny" else preset(args.preset)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
     spec = "data=1" if args.worker == 1 else f"sequence={args.worker}"
@@ -74,7 +76,7 @@ def worker(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="glm-4-9b-chat-1m")
+    p.add_argument("--preset", default="glm-4-9b-chat-1m", help="a glm4_jax.config preset, or 'tiny' (tests)")
     p.add_argument("--tokens", type=int, default=1 << 20)
     p.add_argument("--devices", type=int, nargs="+", default=[8, 16], help="device counts (sequence=N each)")
     p.add_argument("--single", action="store_true", help="also compile on one device")

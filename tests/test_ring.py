@@ -464,3 +464,28 @@ def test_context_parallel_hidden_states_are_split_along_t():
     ffn = [int(m) for m in re.findall(r"\[1,(\d+)," + str(CP.intermediate_size) + r"\]", text)]
     assert T // 8 in ffn, f"no [1, T/8, F] activation in the HLO: {sorted(set(ffn))}"
     assert set(ffn) <= {T // 8, CP.hidden_size}, sorted(set(ffn))
+
+
+@pytest.mark.slow
+def test_cp_compile_benchmark_runs_tiny():
+    """benchmarks/cp_compile.py at toy size (the full-size run is a benchmark, not a test): one subprocess per
+    device count, abstract inputs, flops per device falling with the ring size."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/cp_compile.py", "--preset", "tiny", "--tokens", "256", "--devices", "2", "4"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [*cmd, "--single", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    print(result.stdout)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["devices"] for r in rows] == [1, 2, 4]
+    assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
+    assert all(r["temp_bytes"] > 0 and r["planned_activation_bytes"] > 0 for r in rows)
+    assert "sequence=4" in result.stdout

@@ -25,7 +25,15 @@ IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash", "ring")
 
 
 def attend(
-    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, *, impl: str = "auto", layer: Array | None = None
+    q: Array,
+    k: Array,
+    v: Array,
+    q_pos: Array,
+    k_pos: Array,
+    *,
+    impl: str = "auto",
+    layer: Array | None = None,
+    zigzag: bool = False,
 ) -> Array:
     """Grouped-query attention with the visibility rule of the module docstring.
 
@@ -34,6 +42,8 @@ def attend(
       q_pos: [B, T] int; k_pos: [B, S] int (negative: padding or an empty slot).
       impl: one of IMPLEMENTATIONS.
       layer: [] int32 index into the leading L axis of k and v, or None.
+      zigzag: q and k are in ring attention's zigzag layout (glm4_jax/ring.py `to_zigzag`); only "ring" uses it,
+        the other kernels go by positions, so the order of the tokens changes nothing for them.
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -43,7 +53,7 @@ def attend(
     if impl == "auto":
         impl = choose_impl(q, k)
     if impl == "ring":
-        return ring.ring_attend(q, k, v, q_pos, k_pos, layer=layer)
+        return ring.ring_attend(q, k, v, q_pos, k_pos, layer=layer, zigzag=zigzag)
     if impl == "blockwise":
         return kernels.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
     if impl in ("cudnn", "splash"):

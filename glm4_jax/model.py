@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm4_jax import attention, kernels, qmatmul
+from glm4_jax import attention, kernels, qmatmul, ring
 from glm4_jax.config import CACHE_AXES, CACHE_SCALE_AXES, QUANTIZED, ROW_CACHE_AXES, Config
 from glm4_jax.paths import unflatten
-from glm4_jax.sharding.rules import constrain
+from glm4_jax.sharding.rules import HIDDEN_AXES, constrain
 
 Array = jax.Array
 
@@ -222,15 +222,23 @@ class GLM4(nnx.Module):
         """
         cfg, impl = self.cfg, self.attention_impl
         positions = positions.astype(jnp.int32)
-        h = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        T = tokens.shape[1]
+        # Context parallelism (docs/LONG_CONTEXT.md): on a `sequence` mesh the hidden states are split along T from
+        # the embedding to the final norm. A cacheless ring prefill puts the tokens in ring attention's zigzag
+        # order here, once; positions travel with them, and the output is put back in order at the end.
+        n_ring = ring.ring_size()
+        zigzag = cache is None and n_ring > 1 and impl in ("auto", "ring")
+        if zigzag:
+            tokens, positions = ring.to_zigzag(tokens, n_ring), ring.to_zigzag(positions, n_ring, fill=-1)
+        h = constrain(jnp.take(self.embed[...], tokens, axis=0), HIDDEN_AXES)  # [B, T, D]
         cos, sin = rope_tables(positions, cfg)
         layer_params = nnx.to_pure_dict(nnx.state(self.layers))
 
         if cache is None:
 
             def step(h, p):
-                h, _ = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=None)
-                return h, None
+                h, _ = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=None, zigzag=zigzag)
+                return constrain(h, HIDDEN_AXES), None
 
             h, _ = jax.lax.scan(step, h, layer_params)
         else:
@@ -240,7 +248,7 @@ class GLM4(nnx.Module):
             def step(carry, p):
                 h, arrays, i = carry
                 h, arrays = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=(arrays, i, start, k_pos))
-                return (h, arrays, i + 1), None
+                return (constrain(h, HIDDEN_AXES), arrays, i + 1), None
 
             arrays = (cache.k, cache.v) if cache.k_scale is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
             (h, arrays, _), _ = jax.lax.scan(step, (h, arrays, jnp.zeros((), jnp.int32)), layer_params)
@@ -249,10 +257,13 @@ class GLM4(nnx.Module):
                 cache.k_scale, cache.v_scale = arrays[2:]
 
         if logits == "last":
-            h = h[:, -1:]
+            last = ring.zigzag_place(T - 1, T, n_ring) if zigzag else h.shape[1] - 1
+            h = h[:, last : last + 1]
         h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
         head = {"lm_head": self.lm_head[...], "lm_head_scale": self.lm_head_scale[...] if cfg.quant else None}
         out = linear(cfg, "BTD,DV->BTV", h, head, "lm_head", out_dtype=jnp.float32)
+        if zigzag and logits != "last":
+            out = ring.from_zigzag(out, T, n_ring)  # undone once, on the logits of the local tokens
         return out, cache
 
 
@@ -267,7 +278,9 @@ def linear(cfg: Config, spec: str, x: Array, p: dict, name: str, out_dtype=None)
     return qmatmul.linear(x, w, scale, n_in=n_in, quant=cfg.quant, group=cfg.group_size, out_dtype=out_dtype)
 
 
-def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv):
+def _decoder_layer(
+    cfg: Config, impl: str, p: dict, h: Array, positions: Array, cos: Array, sin: Array, kv, zigzag: bool = False
+):
     """One pre-norm decoder layer (GLM-4-0414: the attention and MLP outputs normed again before each residual
     add). With `kv` = (cache arrays, layer index, first slot, slot positions), the new keys and values are written
     into the cache in place and attention runs over all its slots. The cache arrays are (k, v), or
@@ -282,7 +295,7 @@ def _decoder_layer(cfg: Config, impl: str, p: dict, h: Array, positions: Array, 
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv is None:
-            attn = attention.attend(q, k, v, positions, positions, impl=impl)
+            attn = attention.attend(q, k, v, positions, positions, impl=impl, zigzag=zigzag)
             new_kv = None
         else:
             arrays, i, start, k_pos = kv  # k, v: [L, B, S, K, H]

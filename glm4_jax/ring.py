@@ -44,15 +44,24 @@ def ring_size(axis: str = SEQUENCE) -> int:
 
 
 def ring_attend(
-    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, *, layer: Array | None = None, axis: str = SEQUENCE
+    q: Array,
+    k: Array,
+    v: Array,
+    q_pos: Array,
+    k_pos: Array,
+    *,
+    layer: Array | None = None,
+    axis: str = SEQUENCE,
+    zigzag: bool = False,
 ) -> Array:
     """`attend` with impl="ring": ring prefill when q and k have the same length (T == S), else attention against a
-    sequence-sharded cache; the single-device blockwise kernel without a `sequence` axis of size > 1."""
+    sequence-sharded cache; the single-device blockwise kernel without a `sequence` axis of size > 1. `zigzag`:
+    q, k, v are already in the zigzag layout (see `ring_prefill`)."""
     if ring_size(axis) == 1:
         return kernels.blockwise_attention(q, k, v, q_pos, k_pos, layer=layer)
     if q.shape[1] == k.shape[-3]:
         k, v = kernels.select_layer(k, layer), kernels.select_layer(v, layer)
-        return ring_prefill(q, k, v, q_pos, k_pos, axis=axis)
+        return ring_prefill(q, k, v, q_pos, k_pos, axis=axis, zigzag=zigzag)
     return sharded_cache_attention(q, k, v, q_pos, k_pos, layer=layer, axis=axis)
 
 
@@ -118,6 +127,40 @@ def zigzag_order(n: int) -> np.ndarray:
     return np.array([c for i in range(n) for c in (i, 2 * n - 1 - i)])
 
 
+def zigzag_chunk(T: int, n: int, block: int = BLOCK) -> int:
+    """Tokens per chunk of the zigzag layout of T tokens on a ring of n: 2n chunks, T padded up to 2n of them; a
+    chunk longer than `block` is a whole number of blocks (blocks never straddle two chunks)."""
+    c = -(-T // (2 * n))
+    return -(-c // block) * block if c > block else c
+
+
+def zigzag_tokens(T: int, n: int, block: int = BLOCK) -> np.ndarray:
+    """The original index of the token at each place of the zigzag layout ([2n * chunk]; T and beyond: padding)."""
+    c = zigzag_chunk(T, n, block)
+    return (zigzag_order(n)[:, None] * c + np.arange(c)).reshape(-1)
+
+
+def to_zigzag(x: Array, n: int, fill=0, block: int = BLOCK) -> Array:
+    """x [B, T, ...] padded with `fill` to 2n chunks and put in zigzag order along T, once for the whole model
+    (`GLM4.__call__`): ring prefill then takes its shards as they are (`ring_prefill(..., zigzag=True)`)."""
+    T = x.shape[1]
+    idx = zigzag_tokens(T, n, block)
+    pad = len(idx) - T
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return jnp.take(x, jnp.asarray(idx), axis=1)
+
+
+def from_zigzag(x: Array, T: int, n: int, block: int = BLOCK) -> Array:
+    """Undoes `to_zigzag`: x [B, 2n * chunk, ...] back in the original order, the padding dropped ([B, T, ...])."""
+    return jnp.take(x, jnp.asarray(np.argsort(zigzag_tokens(T, n, block))[:T]), axis=1)
+
+
+def zigzag_place(t: int, T: int, n: int, block: int = BLOCK) -> int:
+    """The place of original token t in the zigzag layout of T tokens."""
+    return int(np.argsort(zigzag_tokens(T, n, block))[t])
+
+
 def _permute_chunks(x: Array, order: np.ndarray) -> Array:
     """Reorders the chunks of the sequence dim (dim 1) of x [B, len(order) * c, ...]."""
     B, T = x.shape[:2]
@@ -126,27 +169,42 @@ def _permute_chunks(x: Array, order: np.ndarray) -> Array:
 
 
 def ring_prefill(
-    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, *, axis: str = SEQUENCE, block: int = BLOCK
+    q: Array,
+    k: Array,
+    v: Array,
+    q_pos: Array,
+    k_pos: Array,
+    *,
+    axis: str = SEQUENCE,
+    block: int = BLOCK,
+    zigzag: bool = False,
 ) -> Array:
     """Ring attention of q [B, T, N, H] against k, v [B, T, K, H] over mesh axis `axis` (see module docstring).
 
     Any T: the sequence is padded to 2n chunks (padding has position -1, invisible both ways). The per-device
     kernel is `kernels.accumulate`, whose `lax.cond` skips (query block, key block) pairs with nothing visible:
     under a causal mask in zigzag order that is half of the blocks at every ring step but the first.
+
+    With `zigzag`, the inputs are already padded and in zigzag order (`to_zigzag`, done once by the model for all
+    layers): each device's shard goes in as it is, and the output stays in that order.
     """
     mesh = jax.sharding.get_abstract_mesh()
     n = int(mesh.shape[axis])
     B, T, N, H = q.shape
     K = k.shape[2]
-    c = -(-T // (2 * n))  # tokens per chunk
-    if c > block:
-        c = -(-c // block) * block  # blocks never straddle two chunks
-    pad = 2 * n * c - T
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        q_pos, k_pos = (jnp.pad(p, ((0, 0), (0, pad)), constant_values=-1) for p in (q_pos, k_pos))
-    order = zigzag_order(n)
-    q, k, v, q_pos, k_pos = (_permute_chunks(x, order) for x in (q, k, v, q_pos, k_pos))
+    if zigzag:
+        if T % (2 * n):
+            raise ValueError(f"ring_prefill(zigzag=True): length {T} is not 2 * {n} chunks; use to_zigzag")
+        c = T // (2 * n)
+        order = None
+    else:
+        c = zigzag_chunk(T, n, block)
+        pad = 2 * n * c - T
+        if pad:
+            q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+            q_pos, k_pos = (jnp.pad(p, ((0, 0), (0, pad)), constant_values=-1) for p in (q_pos, k_pos))
+        order = zigzag_order(n)
+        q, k, v, q_pos, k_pos = (_permute_chunks(x, order) for x in (q, k, v, q_pos, k_pos))
 
     heads = head_layout(mesh, q, K)
     b = min(block, c)
@@ -180,6 +238,8 @@ def ring_prefill(
         ),
         out_specs=P(heads.batch, axis, heads.q, None),
     )(q, k, v, q_pos, k_pos)
+    if order is None:
+        return out
     out = _permute_chunks(out, np.argsort(order))
     return out[:, :T]
 

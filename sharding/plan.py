@@ -8,10 +8,12 @@ gets its `NamedSharding` on an `AbstractMesh` (`named_sharding`, as `glm4_jax.pl
 then `NamedSharding.shard_shape`, so the planner and a sharded model agree array by array. No device is needed:
 a 16-device plan runs on a laptop.
 
-What is counted: weights and KV cache (k, v, pos). What is not: activations, the compiled program, XLA's scratch
-space and fragmentation; `headroom` (10% of the device by default) is set aside for them. Decoding needs little
-activation memory; a long prompt should be prefilled in chunks (or with ring attention on `sequence`), or the
-score matrices alone exceed any device.
+What is counted: weights and KV cache (k, v, pos), and with `prefill_chunk` (`--prefill-chunk`) the activations of
+one layer of a prefill chunk (`activation_bytes`, an estimate from the shapes: see docs/LONG_CONTEXT.md for how it
+compares with XLA's compiled temp memory). What is not: the compiled program, XLA's scratch space and
+fragmentation; `headroom` (10% of the device by default) is set aside for them. Decoding needs little activation
+memory; a long prompt should be prefilled in chunks (or with ring attention on `sequence`), or the score matrices
+alone exceed any device.
 """
 
 from __future__ import annotations
@@ -98,13 +100,15 @@ class MemoryPlan:
     arrays: list[ArrayPlan]
     weights_bytes: int  # per device
     cache_bytes: int  # per device
-    total_bytes: int  # per device
+    total_bytes: int  # per device: weights + cache + activations
     device: str | None
     device_bytes: int | None
     headroom: float
     budget_bytes: int | None  # device_bytes * (1 - headroom)
     fits: bool | None
     notes: list[str]
+    prefill_chunk: int | None = None  # tokens of the prefill chunk whose activations are counted (None: none)
+    activation_bytes: int = 0  # per device, for that chunk (`activation_bytes`)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -141,6 +145,38 @@ def _array_plan(group, name, shape, dtype, sharding, sizes) -> ArrayPlan:
     )
 
 
+def activation_bytes(cfg: Config, sizes: dict[str, int], batch: int, chunk: int, *, ring: bool) -> int:
+    """Estimated peak activation bytes per device of a prefill chunk of `chunk` tokens x `batch` rows.
+
+    Context parallelism splits the hidden states along T over `sequence` (when it divides the chunk), `data` (and
+    `fsdp` when it divides) the rows, `tensor` the heads and the ffn. The layers run one at a time under a scan, so
+    the peak is one layer's: the residual stream in and out [b, t, D], plus the larger of the attention phase (the
+    normed input, q, k, v and the output, the float32 accumulator of the online softmax, and with `ring` the
+    keys/values being received, double-buffered) and the MLP phase (the normed input, gate, up and their product
+    [b, t, F']); or, after the layers, the float32 logits of the last token. `ring`: ring prefill (queries local);
+    else chunked prefill against a sequence-sharded cache, whose queries and softmax state cover the whole chunk.
+    """
+    item = np_dtype(cfg.dtype).itemsize
+    seq, tensor = sizes.get("sequence", 1), sizes.get("tensor", 1)
+    rows = sizes.get("data", 1)
+    if batch % rows == 0 and batch % (rows * sizes.get("fsdp", 1)) == 0:
+        rows *= sizes.get("fsdp", 1)
+    b = -(-batch // rows)
+    t = chunk // seq if chunk % seq == 0 else chunk
+    tq = t if ring else chunk  # queries (and their softmax state) per device
+    n_loc = cfg.num_heads // tensor if cfg.num_heads % tensor == 0 else cfg.num_heads
+    k_loc = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
+    f_loc = cfg.intermediate_size // tensor if cfg.intermediate_size % tensor == 0 else cfg.intermediate_size
+    H, D = cfg.head_dim, cfg.hidden_size
+    residual = 2 * b * t * D * item
+    attn = b * t * D * item + b * (2 * tq * n_loc + 2 * t * k_loc) * H * item + b * tq * n_loc * (H + 2) * 4
+    if ring:
+        attn += 2 * b * t * 2 * k_loc * H * item
+    mlp = b * t * D * item + 3 * b * t * f_loc * item
+    v_loc = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+    return residual + max(attn, mlp, b * v_loc * 4)
+
+
 def plan_memory(
     cfg: Config,
     mesh: Mesh | AbstractMesh | MeshSpec | None = None,
@@ -154,6 +190,7 @@ def plan_memory(
     cache_dtype=None,
     rules: Rules | None = None,
     name: str | None = None,
+    prefill_chunk: int | None = None,
 ) -> MemoryPlan:
     """Per-device memory of `cfg`'s weights and a KV cache of `batch` x `max_len` on `mesh`.
 
@@ -164,6 +201,8 @@ def plan_memory(
       device: a name in DEVICES, or None with `device_memory` (bytes), or neither (no fit verdict).
       headroom: fraction of the device kept free for activations, the program and XLA's scratch space.
       cache_dtype: the cache dtype (default cfg.dtype).
+      prefill_chunk: tokens per prefill chunk: adds its activations per device (`activation_bytes`; ring prefill
+        when the chunk fills the cache on a `sequence` mesh, else chunked prefill against the cache).
     Raises:
       ShardingError when the mesh cannot hold the model (a big weight it cannot divide); ValueError for a bad mesh
       spec or device name.
@@ -185,7 +224,12 @@ def plan_memory(
 
     weights = sum(a.bytes_per_device for a in arrays if a.group == "weights")
     cache_bytes = sum(a.bytes_per_device for a in arrays if a.group == "cache")
-    total = weights + cache_bytes
+    acts = 0
+    if prefill_chunk is not None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
+        acts = activation_bytes(cfg, sizes, batch, prefill_chunk, ring=prefill_chunk == max_len)
+    total = weights + cache_bytes + acts
     if device is not None:
         device_memory = DEVICES[device].memory
     budget = None if device_memory is None else int(device_memory * (1 - headroom))
@@ -205,6 +249,8 @@ def plan_memory(
         budget_bytes=budget,
         fits=None if budget is None else total <= budget,
         notes=[],
+        prefill_chunk=prefill_chunk,
+        activation_bytes=acts,
     )
     plan.notes = _notes(cfg, plan)
     return plan
@@ -251,8 +297,12 @@ def _notes(cfg: Config, plan: MemoryPlan) -> list[str]:
             "JAX preallocates 75% of a GPU's memory by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (or "
             "XLA_PYTHON_CLIENT_PREALLOCATE=false) for this budget to be available."
         )
+    if plan.prefill_chunk is None:
+        what = "activations, the compiled program"
+    else:
+        what = f"activations beyond one layer of a {plan.prefill_chunk:,}-token prefill chunk, the compiled program"
     notes.append(
-        f"Not counted: activations, the compiled program, XLA scratch space ({plan.headroom:.0%} headroom is kept "
+        f"Not counted: {what}, XLA scratch space ({plan.headroom:.0%} headroom is kept "
         "for them). Decode needs little; prefill long prompts in chunks or with ring attention on `sequence`."
     )
     return notes
@@ -297,7 +347,9 @@ def format_plan(plan: MemoryPlan) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(
-        f"per device: weights {_fmt(plan.weights_bytes)} + cache {_fmt(plan.cache_bytes)} = {_fmt(plan.total_bytes)}"
+        f"per device: weights {_fmt(plan.weights_bytes)} + cache {_fmt(plan.cache_bytes)}"
+        + (f" + activations {_fmt(plan.activation_bytes)}" if plan.prefill_chunk is not None else "")
+        + f" = {_fmt(plan.total_bytes)}"
     )
     if plan.budget_bytes is not None:
         verdict = "FITS" if plan.fits else "DOES NOT FIT"
@@ -344,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cache-dtype", "--kv-cache", choices=KV_CACHE_DTYPES, help="KV cache dtype (default: the weights dtype)"
     )
+    p.add_argument(
+        "--prefill-chunk", type=int, help="tokens per prefill chunk: count its activations per device (default: none)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     try:
@@ -355,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(quant=args.quantize, group_size=args.group_size)
         parse_mesh_spec(args.mesh, args.devices)
         _check_settings(args.device, args.headroom)
+        if args.prefill_chunk is not None and args.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -372,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             n_devices=args.devices,
             cache_dtype=args.cache_dtype,
             name=name,
+            prefill_chunk=args.prefill_chunk,
         )
     except (ShardingError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

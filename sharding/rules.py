@@ -7,7 +7,8 @@ does nothing, so the mesh sizes pick the strategy from the one table:
     tensor=8                 Megatron-style tensor parallelism: heads, ffn and vocab split 8 ways
     fsdp=8                   weights split on their model (embed) dim, gathered by XLA where used; batch split
     data=2,fsdp=2,tensor=2   all three at once
-    sequence=8               the KV cache split along its slots (long contexts); weights replicated
+    sequence=8               context parallelism: the hidden states split along T, the KV cache along its
+                             slots (long contexts); weights replicated
     tensor=2,sequence=8      ... and the weights split 2 ways
 
 Resolving one array: for each dim, the mesh axes of its rule are taken in order, skipping axes of size 1. An
@@ -49,6 +50,9 @@ RULES: dict[str, tuple[str, ...]] = {
     # KV cache and activations
     "batch": ("data", "fsdp?"),
     "cache_seq": ("sequence",),
+    # the tokens of the hidden states [B, T, D] (context parallelism): split along T by `sequence` from the
+    # embedding to the final norm; replicated when T does not divide (a decode step's single token)
+    "act_seq": ("sequence?",),
 }
 
 # Einsum letters of the logical axes (glm4_jax/model.py), for error messages.
@@ -56,6 +60,7 @@ LETTERS = {
     "layers": "L",
     "batch": "B",
     "cache_seq": "S",
+    "act_seq": "T",
     "embed": "D",
     "norm": "D",
     "q_heads": "N",
@@ -68,6 +73,7 @@ LETTERS = {
 # Activations passed in and out of `jit_forward`; None = never sharded.
 TOKENS_AXES = ("batch", None)  # tokens, positions [B, T]
 LOGITS_AXES = ("batch", None, "vocab")  # [B, T, V]
+HIDDEN_AXES = ("batch", "act_seq", None)  # the hidden states [B, T, D] inside the model
 
 
 class ShardingError(ValueError):

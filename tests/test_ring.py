@@ -17,8 +17,8 @@ from tiny import ATOL, RTOL, assert_close_visible, left_pad_positions, random_qk
 
 from glm4_jax import attention, kernels, ring
 from glm4_jax.fixtures import SHARDABLE
-from glm4_jax.model import KVCache, init_model
-from glm4_jax.placement import cache_shardings, init_cache, jit_forward, shard_model
+from glm4_jax.model import KVCache, abstract_model, init_model
+from glm4_jax.placement import abstract_params, cache_shardings, init_cache, jit_forward, shard_model
 from glm4_jax.sharding import logical_to_spec, make_mesh
 
 
@@ -371,3 +371,121 @@ def test_model_decode_step_hlo_has_no_cache_gather(seq, tp):
         what=f"model, sequence={seq} x tensor={tp}",
         max_temp=cache_bytes // 2,
     )
+
+
+# ---- context parallelism: the whole model split along T ------------------------------------------------------
+
+CP = SHARDABLE.replace(hidden_size=256, intermediate_size=1024, head_dim=32, max_seq_len=4096)  # 2 layers
+
+
+def _compiled_cost(mesh, impl, T):
+    model = abstract_model(CP)
+    model.attention_impl = impl
+    tok = jax.ShapeDtypeStruct((1, T), jnp.int32)
+    compiled = jit_forward(model, mesh, batch=1).lower(abstract_params(model, mesh), tok, tok).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_context_parallel_prefill_splits_the_flops():
+    """On sequence=8 each device embeds, projects and runs the MLP on its own 1/8 of the tokens: XLA's flops per
+    device of the compiled cacheless prefill are <= 0.15 of one device's (ring attention splits the rest)."""
+    T = 4096
+    one = _compiled_cost(make_mesh(None, devices=jax.devices()[:1]), "blockwise", T)
+    seq = _compiled_cost(make_mesh("sequence=8"), "ring", T)
+    print(f"flops per device: one device {one:.4g}, sequence=8 {seq:.4g} ({seq / one:.3f} of one)")
+    assert seq <= 0.15 * one
+
+
+def test_zigzag_layout_round_trip():
+    for T, n, block in ((37, 4, 512), (64, 4, 512), (4096, 8, 512), (5000, 2, 512), (100, 2, 8)):
+        x = jnp.arange(T, dtype=jnp.int32)[None]
+        z = ring.to_zigzag(x, n, fill=-1, block=block)
+        c = ring.zigzag_chunk(T, n, block)
+        assert z.shape[1] == 2 * n * c and (c <= block or c % block == 0)
+        real = np.asarray(z[0])
+        assert sorted(real[real >= 0].tolist()) == list(range(T))  # every token once, padding marked -1
+        assert np.array_equal(np.asarray(ring.from_zigzag(z, T, n, block)), np.asarray(x))
+        assert int(z[0, ring.zigzag_place(T - 1, T, n, block)]) == T - 1
+        dev0 = real[: 2 * c]  # device 0 holds chunks 0 and 2n-1
+        assert dev0[0] == 0 and (c * (2 * n - 1) >= T or dev0[c] == c * (2 * n - 1))
+
+
+@pytest.mark.parametrize("mesh_spec", ["sequence=8", "sequence=4,tensor=2", "data=2,sequence=4"])
+def test_context_parallel_logits_and_greedy_ids_equal_single_device(mesh_spec):
+    """Cacheless prefill (all logits and the last one) with the hidden states split along T and ring attention
+    in zigzag order, against one device with dense attention; then greedy decode from a cache filled by a
+    chunked prefill on the same mesh."""
+    B, T, n_new, max_len = 2, 40, 4, 64
+    ids = jnp.asarray(np.random.RandomState(7).randint(0, TINY.vocab_size, (B, T)), jnp.int32)
+    pos = left_pad_positions(T, (0, 5))
+    real = np.asarray(pos >= 0)
+    model = _tiny_model()
+    ref_all, _ = model(ids, pos)
+    ref_last = ref_all[:, -1:]
+
+    def greedy(run_step, cache):
+        logits, cache = run_step(ids, pos, cache)
+        out = []
+        for i in range(n_new):
+            tok = np.asarray(jnp.argmax(logits[:, -1], -1)[:, None], np.int32)  # a host value, as a server's
+            out.append(tok)
+            logits, cache = run_step(tok, np.asarray(pos)[:, -1:] + 1 + i, cache)
+        return np.concatenate(out, 1), cache
+
+    ref_ids, _ = greedy(lambda t, p, c: model(t, p, c, logits="last"), KVCache.init(TINY, B, max_len))
+
+    mesh = make_mesh(mesh_spec)
+    sharded = shard_model(_tiny_model(), mesh)
+    params = nnx.to_pure_dict(nnx.state(sharded, nnx.Param))
+    with jax.set_mesh(mesh):
+        full = jit_forward(sharded, mesh, batch=B)(params, ids, pos)
+        last = jit_forward(sharded, mesh, batch=B, logits="last")(params, ids, pos)
+        step = jit_forward(sharded, mesh, batch=B, max_len=max_len, logits="last")
+        got_ids, cache = greedy(lambda t, p, c: step(params, t, p, c), init_cache(TINY, mesh, B, max_len))
+        assert cache.k.sharding.spec[2] == "sequence"
+    diff = float(np.abs(np.asarray(full) - np.asarray(ref_all))[real].max())
+    print(f"{mesh_spec}: max |context parallel - one device| over real tokens = {diff:.3g}")
+    np.testing.assert_allclose(np.asarray(full)[real], np.asarray(ref_all)[real], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(ref_last), atol=ATOL, rtol=RTOL)
+    assert np.array_equal(np.argmax(np.asarray(last)[:, -1], -1), np.argmax(np.asarray(ref_last)[:, -1], -1))
+    assert np.array_equal(got_ids, ref_ids)
+
+
+def test_context_parallel_hidden_states_are_split_along_t():
+    """The compiled sequence=8 prefill holds no full-length [T, F] MLP activation on a device: the largest array
+    of ffn width [1, rows, F] has T/8 rows (the layer slices of gate and up, [1, D, F], are the other ones)."""
+    T = 4096
+    mesh = make_mesh("sequence=8")
+    model = abstract_model(CP)
+    model.attention_impl = "ring"
+    tok = jax.ShapeDtypeStruct((1, T), jnp.int32)
+    text = jit_forward(model, mesh, batch=1).lower(abstract_params(model, mesh), tok, tok).compile().as_text()
+    ffn = [int(m) for m in re.findall(r"\[1,(\d+)," + str(CP.intermediate_size) + r"\]", text)]
+    assert T // 8 in ffn, f"no [1, T/8, F] activation in the HLO: {sorted(set(ffn))}"
+    assert set(ffn) <= {T // 8, CP.hidden_size}, sorted(set(ffn))
+
+
+@pytest.mark.slow
+def test_cp_compile_benchmark_runs_tiny():
+    """benchmarks/cp_compile.py at toy size (the full-size run is a benchmark, not a test): one subprocess per
+    device count, abstract inputs, flops per device falling with the ring size."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/cp_compile.py", "--preset", "tiny", "--tokens", "256", "--devices", "2", "4"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [*cmd, "--single", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    print(result.stdout)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["devices"] for r in rows] == [1, 2, 4]
+    assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
+    assert all(r["temp_bytes"] > 0 and r["planned_activation_bytes"] > 0 for r in rows)
+    assert "sequence=4" in result.stdout

@@ -397,6 +397,26 @@ def test_planner_full_size_presets():
     assert any("kv_heads=2 cannot be divided by tensor=8" in n for n in chat.notes)
 
 
+def test_planner_prefill_activations():
+    """With a prefill chunk the plan adds its activations per device: on sequence=8 the hidden states and the MLP
+    are split along T, so a ring prefill of the whole context needs an eighth of one device's."""
+    cfg = preset("glm-4-9b-chat-1m")
+    T = 1 << 20
+    one = planner.activation_bytes(cfg, {}, 1, T, ring=False)
+    mlp = 2 * T * cfg.hidden_size * 2 + T * cfg.hidden_size * 2 + 3 * T * cfg.intermediate_size * 2  # the MLP phase
+    assert one == mlp
+    for seq in (8, 16):
+        plan = planner.plan_memory(cfg, f"sequence={seq}", batch=1, max_len=T, prefill_chunk=T)
+        assert plan.activation_bytes == one // seq
+        assert plan.total_bytes == plan.weights_bytes + plan.cache_bytes + plan.activation_bytes
+    # a chunk against a sequence-sharded cache: the queries and their softmax state are whole on every device
+    chunked = planner.plan_memory(cfg, "sequence=8", batch=1, max_len=T, prefill_chunk=T // 2)
+    assert chunked.activation_bytes > planner.activation_bytes(cfg, {"sequence": 8}, 1, T // 2, ring=True)
+    assert planner.plan_memory(cfg, "sequence=8", batch=1, max_len=T).activation_bytes == 0
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        planner.plan_memory(cfg, "sequence=8", batch=1, max_len=T, prefill_chunk=0)
+
+
 def test_planner_cli(capsys):
     argv = ["--preset", "glm-4-9b-chat-1m", "--mesh", "sequence=8", "--batch", "1", "--max-len", "1048576"]
     assert planner.main([*argv, "--device", "h100"]) == 0
@@ -428,6 +448,10 @@ def test_planner_cli_exit_status_and_wording(capsys):
     assert planner.main(["--preset", "glm-4-9b-chat"]) == 0  # no device: no verdict
     assert planner.main(["--mesh", "tensor=x"]) == 2
     assert capsys.readouterr().err.startswith("error: mesh spec")
+    assert planner.main(["--preset", "glm-4-9b-chat", "--prefill-chunk", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --prefill-chunk")
+    assert planner.main(["--preset", "glm-4-9b-chat", "--mesh", "sequence=8", "--prefill-chunk", "8192"]) == 0
+    assert "+ activations " in capsys.readouterr().out
 
 
 # ---- multi-host and constraints -------------------------------------------------------------------------------

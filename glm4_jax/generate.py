@@ -305,12 +305,17 @@ def _load_tokenizer(ckpt: str):
         raise UsageError(f"--ckpt {ckpt}: cannot read its tokenizer: {e}") from None
 
 
-def _load_model(args, mesh):
+def _load_model(args, mesh, progress: bool):
     from glm4_jax import checkpoint
 
     try:
         return checkpoint.load(
-            args.ckpt, mesh=mesh, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
+            args.ckpt,
+            mesh=mesh,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            progress=progress,
         )
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError and ShardingError are ValueErrors
         raise UsageError(f"--ckpt {args.ckpt}: {e}".replace("\n", " ")) from None
@@ -683,7 +688,7 @@ def _main(args, interrupts: _Interrupts) -> int:
     verb = "loading and quantizing" if args.quantize else "loading"
     status.line(f"{verb} {amount} of {what} weights from {args.ckpt} {where}")
     with interrupts.hard():
-        model = _load_model(args, mesh)
+        model = _load_model(args, mesh, progress=status.enabled)
     from glm4_jax.api import GLM4Chat
     from glm4_jax.engine import GenerationError
 

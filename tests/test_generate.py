@@ -507,6 +507,24 @@ def test_cli_status_lines_on_stderr_quiet_and_json(ckpt_dirs):
     assert record["new_tokens"] <= 3
 
 
+def test_cli_loading_progress_bar_on_the_demo_checkpoint(demo_ckpt):
+    """The demo checkpoint through the CLI: the status lines and the loading bar (tqdm, bytes) go to stderr, never
+    to stdout; -q leaves stderr empty and --json stdout a JSON line."""
+    proc = _run(["--ckpt", str(demo_ckpt), "--chat", "Hi", "--max-new-tokens", "3", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    parts = proc.stderr.replace("\r", "\n").splitlines()
+    assert parts[0].startswith("loading ") and str(demo_ckpt) in parts[0], parts
+    bars = [p for p in parts if p.startswith("loading: ")]
+    assert bars and "100%" in bars[-1] and "B/s" in bars[-1], parts
+    assert any(p.startswith("compiling the prefill") for p in parts), parts
+    assert any(p.startswith("prefilling ") for p in parts), parts
+    assert json.loads(proc.stdout.splitlines()[-1])["new_tokens"] <= 3
+    assert "loading" not in proc.stdout and "%|" not in proc.stdout
+    quiet = _run(["--ckpt", str(demo_ckpt), "--chat", "Hi", "--max-new-tokens", "3", "-q", "--json"])
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert json.loads(quiet.stdout.splitlines()[-1])["new_tokens"] <= 3
+
+
 def test_cli_max_new_tokens_capped_by_the_cache_and_huge_seed(capsys, ckpt_dirs):
     plain, _ = ckpt_dirs
     assert main(["--ckpt", str(plain), "--prompt-ids", "5,6,7,8", "--max-new-tokens", str(10**30), "--json"]) == 0

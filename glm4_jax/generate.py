@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--truncate-left",
         action="store_true",
         help="when the prompt is longer than the context (or --max-len), keep its last (context - max-new-tokens) "
-        "tokens (and the [gMASK]<sop> prefix) instead of failing",
+        "tokens (and the [gMASK]<sop> prefix) instead of failing; --prompt and --prompt-ids only (a --chat that long "
+        "is refused: cutting it would drop its role tokens)",
     )
     r.add_argument(
         "--prefill-chunk",
@@ -259,6 +260,12 @@ def _fit_prompt(ids: list[int], args, cfg: Config, prefix: Sequence[int]) -> lis
     limit, what = (args.max_len, "--max-len") if args.max_len is not None else (cfg.max_seq_len, "the model's context")
     if len(ids) <= limit:
         return ids
+    if args.chat is not None:  # cutting a chat on the left would drop its role tokens: the model sees no roles
+        raise UsageError(
+            f"the chat prompt is {len(ids)} tokens, longer than {what} ({limit} tokens); --truncate-left applies to "
+            "--prompt and --prompt-ids only (it would cut the chat template's role tokens): shorten --chat or "
+            "--system, or raise --max-len"
+        )
     if not args.truncate_left:
         raise UsageError(
             f"the prompt is {len(ids)} tokens, longer than {what} ({limit} tokens); pass --truncate-left to keep "

@@ -507,6 +507,24 @@ def test_cli_status_lines_on_stderr_quiet_and_json(ckpt_dirs):
     assert record["new_tokens"] <= 3
 
 
+def test_cli_truncate_left_refuses_a_chat(ckpt_dirs, capsys):
+    """A chat prompt longer than --max-len is refused with one line (cutting it would drop the role tokens), with or
+    without --truncate-left; a plain --prompt of the same length is still cut."""
+    _, ck = ckpt_dirs
+    long = " ".join(["hello"] * 80)
+    for extra in ([], ["--truncate-left"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--ckpt", str(ck), "--chat", long, "--max-len", "32", "--max-new-tokens", "4", *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: the chat prompt is "), err
+        assert "longer than --max-len (32 tokens)" in err and "role tokens" in err, err
+    args = ["--ckpt", str(ck), "--prompt", long, "--max-len", "32", "--max-new-tokens", "4", "--truncate-left", "-q"]
+    assert main([*args, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["prompt_tokens"] == 28
+
+
 def test_cli_loading_progress_bar_on_the_demo_checkpoint(demo_ckpt):
     """The demo checkpoint through the CLI: the status lines and the loading bar (tqdm, bytes) go to stderr, never
     to stdout; -q leaves stderr empty and --json stdout a JSON line."""

@@ -525,6 +525,44 @@ def test_cli_truncate_left_refuses_a_chat(ckpt_dirs, capsys):
     assert record["prompt_tokens"] == 28
 
 
+_AS_MAIN = """
+import runpy, sys
+import glm4_jax.engine as engine
+
+mode = sys.argv.pop(1)
+
+def fail(self, *a, **k):
+    if mode == "usage":  # code that imports the CLI module by name, as a library would, and raises its error
+        from glm4_jax.generate import UsageError
+
+        raise UsageError("injected failure")
+    raise engine.GenerationError("injected failure")
+
+engine.Generator.generate = fail
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("raised", ["generation", "usage"])
+def test_cli_as_main_module_imports_itself_once(ckpt_dirs, raised):
+    """Run as `python -m` (runpy's __main__), a GenerationError from the engine is caught by the CLI's own handler:
+    one `error:` line and status 2, no traceback; code that imports `glm4_jax.generate` then gets the running module,
+    not a second copy whose exception classes the handler would not catch."""
+    plain, _ = ckpt_dirs
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    args = ["glm4_jax.generate", "--ckpt", str(plain), "--prompt-ids", "5,6,7", "--max-new-tokens", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _AS_MAIN, raised, *args, "--no-stream", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: injected failure\n", proc.stderr
+
+
 def test_cli_loading_progress_bar_on_the_demo_checkpoint(demo_ckpt):
     """The demo checkpoint through the CLI: the status lines and the loading bar (tqdm, bytes) go to stderr, never
     to stdout; -q leaves stderr empty and --json stdout a JSON line."""

@@ -67,11 +67,11 @@ Text is streamed to stdout as it is generated (a Python loop over the jitted dec
 character); --no-stream runs the whole decode as one compiled lax.while_loop and prints at the end. Both give
 the same tokens. Bad input gives a one-line `error: ...` on stderr and exit code 2.
 
-Progress goes to stderr: one line per slow phase (loading the weights, compiling, prefilling) and a progress
-bar for a prompt of several prefill chunks when stderr is a terminal; -q silences them. stdout holds only the
-generated text (and, with --json, the JSON line). --max-new-tokens larger than the room left in the KV cache is
-lowered to it, with a note. Ctrl-C stops at any phase with exit status 130, the text so far kept; a closed
-stdout (`| head`) ends the run quietly with status 141.
+Progress goes to stderr: one line per slow phase (loading the weights, compiling, prefilling), a progress bar
+while the weights load, and one for a prompt of several prefill chunks when stderr is a terminal; -q silences
+them. stdout holds only the generated text (and, with --json, the JSON line). --max-new-tokens larger than the
+room left in the KV cache is lowered to it, with a note. Ctrl-C stops at any phase with exit status 130, the
+text so far kept; a closed stdout (`| head`) ends the run quietly with status 141.
 """
 
 

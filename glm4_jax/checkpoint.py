@@ -19,6 +19,7 @@ same way; `load` restores one straight into its target shardings.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -502,14 +503,30 @@ def verify(path: str | os.PathLike, *, progress: Callable[[int], None] | None = 
     return cfg, manifest
 
 
-def _restore(path: pathlib.Path, cfg: Config, shardings: dict) -> dict:
+def _restore(path: pathlib.Path, cfg: Config, shardings: dict, progress: Callable[[int], None] | None = None) -> dict:
+    """The parameters of `cfg` read from `path` into their shardings, one array at a time, so that the host holds
+    at most about one array beyond what is already on the devices. `progress(nbytes)` after each."""
     import jax
     import orbax.checkpoint as ocp
 
-    abstract = expected_params(cfg)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-        return ckptr.restore(path.absolute() / PARAMS_DIR, args=ocp.args.StandardRestore(target))
+    abstract = dict(flatten(expected_params(cfg)))
+    placed = []
+    largest = max(a.size * a.dtype.itemsize for a in abstract.values())
+    # Orbax's limit on the bytes read at once: one call restores one array, which must fit under it.
+    limit_gb = max(1, math.ceil(largest / 1e9))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True, restore_concurrent_gb=limit_gb)
+    with ocp.Checkpointer(handler) as ckptr:
+        for name, sharding in flatten(shardings):
+            spec = abstract[name]
+            target = unflatten([(name, jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding))])
+            args = ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            )
+            ((_, array),) = flatten(ckptr.restore(path.absolute() / PARAMS_DIR, args=args))
+            placed.append((name, array))
+            if progress is not None:
+                progress(spec.size * spec.dtype.itemsize)
+    return unflatten(placed)
 
 
 def data_error(path: pathlib.Path, error: BaseException) -> CheckpointError:
@@ -592,6 +609,31 @@ def _quantized_arrays(path: pathlib.Path, cfg: Config, target: Config) -> Iterat
         yield name + "_scale", scales
 
 
+@contextlib.contextmanager
+def _progress(progress: bool | Callable[[int, int], None] | None, total: int) -> Iterator[Callable[[int], None]]:
+    """`step(nbytes)` for `load`: updates a tqdm bar on stderr (progress True), calls `progress(done, total)` (a
+    callable), or does nothing."""
+    if not progress:
+        yield lambda nbytes: None
+        return
+    if callable(progress):
+        done = 0
+
+        def step(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            progress(done, total)
+
+        yield step
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", file=sys.stderr, dynamic_ncols=True
+    ) as bar:
+        yield bar.update
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -599,6 +641,7 @@ def load(
     dtype: str | None = None,
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    progress: bool | Callable[[int, int], None] | None = None,
 ):
     """Loads a converted checkpoint as a `GLM4` model.
 
@@ -612,8 +655,11 @@ def load(
         time on the host, so the full-precision model is never on a device); a checkpoint converted with
         `--quantize` is quantized already and needs nothing here.
       group_size: the int4 group size along the input dimension.
+      progress: True for a progress bar on stderr (tqdm, in bytes of the loaded parameters); a callable
+        `progress(done_bytes, total_bytes)` called after each array; None or False: nothing.
     Returns:
-      the model, its parameters restored straight onto their devices (each process reads only its slices; with
+      the model, its parameters restored straight onto their devices one array at a time, so that the host holds
+      little more than one array beyond what the devices hold (each process reads only its slices; with
       `quantize`, each process reads the arrays whole and places its shards).
     Raises:
       CheckpointError: `path` is not a complete glm4-jax checkpoint, it does not match its config.json, or
@@ -644,18 +690,21 @@ def load(
         from glm4_jax.placement import param_shardings
 
         shardings = param_shardings(abstract, mesh)
-    if quantize is None:
-        try:
-            params = _restore(path, target, shardings)
-        except Exception as e:  # TensorStore's errors (a crc32c mismatch, a missing chunk) come wrapped by Orbax
-            raise data_error(path, e) from None
-    else:
-        flat = dict(flatten(shardings))
-        placed = []
-        for name, host in _quantized_arrays(path, cfg, target):
-            sharding = flat[name]
-            placed.append((name, jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])))
-        params = unflatten(placed)
+    with _progress(progress, sum(a.size * a.dtype.itemsize for _, a in flatten(expected_params(target)))) as step:
+        if quantize is None:
+            try:
+                params = _restore(path, target, shardings, step)
+            except Exception as e:  # TensorStore's errors (a crc32c mismatch, a missing chunk) come wrapped by Orbax
+                raise data_error(path, e) from None
+        else:
+            flat = dict(flatten(shardings))
+            placed = []
+            for name, host in _quantized_arrays(path, cfg, target):
+                sharding = flat[name]
+                placed.append((name, jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])))
+                step(host.nbytes)
+                del host
+            params = unflatten(placed)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -67,11 +67,11 @@ Text is streamed to stdout as it is generated (a Python loop over the jitted dec
 character); --no-stream runs the whole decode as one compiled lax.while_loop and prints at the end. Both give
 the same tokens. Bad input gives a one-line `error: ...` on stderr and exit code 2.
 
-Progress goes to stderr: one line per slow phase (loading the weights, compiling, prefilling) and a progress
-bar for a prompt of several prefill chunks when stderr is a terminal; -q silences them. stdout holds only the
-generated text (and, with --json, the JSON line). --max-new-tokens larger than the room left in the KV cache is
-lowered to it, with a note. Ctrl-C stops at any phase with exit status 130, the text so far kept; a closed
-stdout (`| head`) ends the run quietly with status 141.
+Progress goes to stderr: one line per slow phase (loading the weights, compiling, prefilling), a progress bar
+while the weights load, and one for a prompt of several prefill chunks when stderr is a terminal; -q silences
+them. stdout holds only the generated text (and, with --json, the JSON line). --max-new-tokens larger than the
+room left in the KV cache is lowered to it, with a note. Ctrl-C stops at any phase with exit status 130, the
+text so far kept; a closed stdout (`| head`) ends the run quietly with status 141.
 """
 
 
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--truncate-left",
         action="store_true",
         help="when the prompt is longer than the context (or --max-len), keep its last (context - max-new-tokens) "
-        "tokens (and the [gMASK]<sop> prefix) instead of failing",
+        "tokens (and the [gMASK]<sop> prefix) instead of failing; --prompt and --prompt-ids only (a --chat that long "
+        "is refused: cutting it would drop its role tokens)",
     )
     r.add_argument(
         "--prefill-chunk",
@@ -259,6 +260,12 @@ def _fit_prompt(ids: list[int], args, cfg: Config, prefix: Sequence[int]) -> lis
     limit, what = (args.max_len, "--max-len") if args.max_len is not None else (cfg.max_seq_len, "the model's context")
     if len(ids) <= limit:
         return ids
+    if args.chat is not None:  # cutting a chat on the left would drop its role tokens: the model sees no roles
+        raise UsageError(
+            f"the chat prompt is {len(ids)} tokens, longer than {what} ({limit} tokens); --truncate-left applies to "
+            "--prompt and --prompt-ids only (it would cut the chat template's role tokens): shorten --chat or "
+            "--system, or raise --max-len"
+        )
     if not args.truncate_left:
         raise UsageError(
             f"the prompt is {len(ids)} tokens, longer than {what} ({limit} tokens); pass --truncate-left to keep "
@@ -305,12 +312,17 @@ def _load_tokenizer(ckpt: str):
         raise UsageError(f"--ckpt {ckpt}: cannot read its tokenizer: {e}") from None
 
 
-def _load_model(args, mesh):
+def _load_model(args, mesh, progress: bool):
     from glm4_jax import checkpoint
 
     try:
         return checkpoint.load(
-            args.ckpt, mesh=mesh, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size
+            args.ckpt,
+            mesh=mesh,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            progress=progress,
         )
     except (OSError, ValueError) as e:  # CheckpointError, ConfigError and ShardingError are ValueErrors
         raise UsageError(f"--ckpt {args.ckpt}: {e}".replace("\n", " ")) from None
@@ -683,7 +695,7 @@ def _main(args, interrupts: _Interrupts) -> int:
     verb = "loading and quantizing" if args.quantize else "loading"
     status.line(f"{verb} {amount} of {what} weights from {args.ckpt} {where}")
     with interrupts.hard():
-        model = _load_model(args, mesh)
+        model = _load_model(args, mesh, progress=status.enabled)
     from glm4_jax.api import GLM4Chat
     from glm4_jax.engine import GenerationError
 

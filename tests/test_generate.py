@@ -507,6 +507,80 @@ def test_cli_status_lines_on_stderr_quiet_and_json(ckpt_dirs):
     assert record["new_tokens"] <= 3
 
 
+def test_cli_truncate_left_refuses_a_chat(ckpt_dirs, capsys):
+    """A chat prompt longer than --max-len is refused with one line (cutting it would drop the role tokens), with or
+    without --truncate-left; a plain --prompt of the same length is still cut."""
+    _, ck = ckpt_dirs
+    long = " ".join(["hello"] * 80)
+    for extra in ([], ["--truncate-left"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--ckpt", str(ck), "--chat", long, "--max-len", "32", "--max-new-tokens", "4", *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: the chat prompt is "), err
+        assert "longer than --max-len (32 tokens)" in err and "role tokens" in err, err
+    args = ["--ckpt", str(ck), "--prompt", long, "--max-len", "32", "--max-new-tokens", "4", "--truncate-left", "-q"]
+    assert main([*args, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["prompt_tokens"] == 28
+
+
+_AS_MAIN = """
+import runpy, sys
+import glm4_jax.engine as engine
+
+mode = sys.argv.pop(1)
+
+def fail(self, *a, **k):
+    if mode == "usage":  # code that imports the CLI module by name, as a library would, and raises its error
+        from glm4_jax.generate import UsageError
+
+        raise UsageError("injected failure")
+    raise engine.GenerationError("injected failure")
+
+engine.Generator.generate = fail
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("raised", ["generation", "usage"])
+def test_cli_as_main_module_imports_itself_once(ckpt_dirs, raised):
+    """Run as `python -m` (runpy's __main__), a GenerationError from the engine is caught by the CLI's own handler:
+    one `error:` line and status 2, no traceback; code that imports `glm4_jax.generate` then gets the running module,
+    not a second copy whose exception classes the handler would not catch."""
+    plain, _ = ckpt_dirs
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    args = ["glm4_jax.generate", "--ckpt", str(plain), "--prompt-ids", "5,6,7", "--max-new-tokens", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _AS_MAIN, raised, *args, "--no-stream", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: injected failure\n", proc.stderr
+
+
+def test_cli_loading_progress_bar_on_the_demo_checkpoint(demo_ckpt):
+    """The demo checkpoint through the CLI: the status lines and the loading bar (tqdm, bytes) go to stderr, never
+    to stdout; -q leaves stderr empty and --json stdout a JSON line."""
+    proc = _run(["--ckpt", str(demo_ckpt), "--chat", "Hi", "--max-new-tokens", "3", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    parts = proc.stderr.replace("\r", "\n").splitlines()
+    assert parts[0].startswith("loading ") and str(demo_ckpt) in parts[0], parts
+    bars = [p for p in parts if p.startswith("loading: ")]
+    assert bars and "100%" in bars[-1] and "B/s" in bars[-1], parts
+    assert any(p.startswith("compiling the prefill") for p in parts), parts
+    assert any(p.startswith("prefilling ") for p in parts), parts
+    assert json.loads(proc.stdout.splitlines()[-1])["new_tokens"] <= 3
+    assert "loading" not in proc.stdout and "%|" not in proc.stdout
+    quiet = _run(["--ckpt", str(demo_ckpt), "--chat", "Hi", "--max-new-tokens", "3", "-q", "--json"])
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert json.loads(quiet.stdout.splitlines()[-1])["new_tokens"] <= 3
+
+
 def test_cli_max_new_tokens_capped_by_the_cache_and_huge_seed(capsys, ckpt_dirs):
     plain, _ = ckpt_dirs
     assert main(["--ckpt", str(plain), "--prompt-ids", "5,6,7,8", "--max-new-tokens", str(10**30), "--json"]) == 0

@@ -668,3 +668,55 @@ def test_cli_subprocess(hf_model, tmp_path):
     r = run(src, tmp_path / "dst", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dst" / "manifest.json").is_file() and leftovers(tmp_path) == []
+
+
+# A conversion killed with SIGKILL at a moment of its --force publish: a wrapper runs the real CLI in a subprocess
+# and kills itself at that moment (before the swap, right after it, or while the old copy is being removed).
+_KILL_AT = """
+import os, signal, sys
+from glm4_jax import fileio
+from glm4_jax.convert.__main__ import main
+
+moment = sys.argv[1]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if moment == "before_swap":
+    fileio._exchange = die
+else:
+    def remove(path):
+        if moment == "while_removing_old":
+            (path / "manifest.json").unlink()  # a part of the old copy is gone already
+        die()
+    fileio.remove_tree = remove
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("moment", ["before_swap", "after_swap", "while_removing_old"])
+def test_sigkill_during_the_force_swap_leaves_one_checkpoint(thudm_src, tmp_path, moment):
+    """SIGKILL at the publish of a --force conversion: DST is afterwards exactly the old checkpoint or exactly the
+    new one (never a mix, never missing), and the next conversion names the leftover temporary and removes it."""
+    dst = tmp_path / "dst"
+    convert(thudm_src, dst)
+    (dst / "marker").write_text("old")  # tells the old checkpoint from the new one
+    before = {p.relative_to(dst) for p in dst.rglob("*")}
+    cmd = [sys.executable, "-c", _KILL_AT, moment, str(thudm_src), str(dst), "--force", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (dst / "manifest.json").is_file()
+    after = {p.relative_to(dst) for p in dst.rglob("*")}
+    if moment == "before_swap":
+        assert after == before  # the old one, whole
+    else:
+        assert after == before - {pathlib.Path("marker")}  # the new one, whole
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(".dst.tmp-"), stale
+    rerun = subprocess.run(
+        [sys.executable, "-m", "glm4_jax.convert", str(thudm_src), str(dst), "--force", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"removed {tmp_path / stale[0]}" in rerun.stderr, rerun.stderr
+    assert leftovers(tmp_path) == [] and (dst / "manifest.json").is_file()

@@ -521,14 +521,6 @@ class Service:
 # ---- the handlers -------------------------------------------------------------------------------------------------
 
 
-def _tool_module():
-    try:
-        from glm4_jax import toolcalls
-    except ImportError:
-        return None
-    return toolcalls
-
-
 class _Job:
     """One HTTP request's engine requests (its choices), their events on the request's event loop."""
 
@@ -901,17 +893,13 @@ def create_app(svc: Service):
         if not isinstance(messages, list) or not messages:
             raise _bad("messages", "must be a non-empty list of messages")
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
-        tc = _tool_module()
+        from glm4_jax import toolcalls as tc
+
         try:
-            if tc is not None:
-                glm_messages = tc.to_glm_messages(messages)
-                glm_tools = tc.to_glm_tools(tools, tool_choice)
-            else:
-                glm_messages, glm_tools = _plain_messages(messages), _plain_tools(tools, tool_choice)
-        except APIError:
-            raise
-        except ValueError as e:  # ToolRequestError: "param: message", with .param
-            raise APIError(400, str(e), param=getattr(e, "param", None) or "messages") from None
+            glm_messages = tc.to_glm_messages(messages)
+            glm_tools = tc.to_glm_tools(tools, tool_choice)
+        except tc.ToolRequestError as e:  # "param: message", with .param
+            raise APIError(400, str(e), param=e.param or "messages") from None
         try:
             ids = svc.tok.apply_chat_template(glm_messages, add_generation_prompt=True, tools=glm_tools)
         except (ValueError, TypeError) as e:
@@ -939,20 +927,12 @@ def create_app(svc: Service):
         def tool_calls_of(text: str):
             if not glm_tools:
                 return None
-            if tc is not None:
-                calls = tc.parse_tool_calls(text, glm_tools)
-                if not calls:
-                    return None
-                return [(call.name, call.arguments) for call in calls]
-            parsed = svc.tok.parse_tool_call(text, glm_tools)
-            if parsed is None:
-                return None
-            return [(parsed["name"], json.dumps(parsed["arguments"], ensure_ascii=False))]
+            calls = tc.parse_tool_calls(text, glm_tools)
+            return [(call.name, call.arguments) for call in calls] if calls else None
 
         def call_objects(calls):
             return [
-                {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
-                for n, a in calls
+                {"id": tc.new_call_id(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls
             ]
 
         if glm_tools:  # the raw reply decides (a call is `name\n{json}` right after <|assistant|>)
@@ -999,7 +979,7 @@ def create_app(svc: Service):
             try:
                 for c in choices:
                     yield chunk(c, {"role": "assistant", "content": ""})
-                parsers = {c.index: tc.ToolCallStream(glm_tools) for c in choices} if glm_tools and tc else {}
+                parsers = {c.index: tc.ToolCallStream(glm_tools) for c in choices} if glm_tools else {}
                 saw_call = {c.index: False for c in choices}
                 saw_content = {c.index: False for c in choices}
                 async for c, t, lp, reason in job.events_until_done(None):
@@ -1062,37 +1042,6 @@ def create_app(svc: Service):
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
-
-
-def _plain_messages(messages: list) -> list[dict]:
-    """OpenAI messages -> the chat template's (used until glm4_jax.toolcalls is there): text content parts joined."""
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for k, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _bad(f"messages[{i}].content[{k}]", "only text parts ({'type': 'text', 'text': ...})")
-                parts.append(part["text"])
-            content = "".join(parts)
-        m = {**m, "content": content}
-        if m.get("role") == "developer":
-            m["role"] = "system"
-        out.append({k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "metadata")})
-    return out
-
-
-def _plain_tools(tools, tool_choice):
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise _bad("tools", "must be a list of tools")
-    if tool_choice not in (None, "auto", "none"):
-        raise _bad("tool_choice", "only 'auto' and 'none' are supported")
-    return None if tool_choice == "none" or not tools else tools
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------

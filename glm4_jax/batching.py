@@ -73,7 +73,7 @@ TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for per to
 class Slots:
     """The decode slots: the carry of `_decode_step` and the target of `_insert`."""
 
-    cache: KVCache  # k, v [L, B, S, K, H], pos [B, S], end [B]
+    cache: KVCache  # k, v [L, B, S, K, H], pos [B, S], end [B] (and k_scale, v_scale [L, B, S, K, 1] in int8)
     tok: Array  # [B] int32: the last token chosen, fed at the next step
     pos: Array  # [B] int32: the position `tok` takes
     n: Array  # [B] int32: tokens the row's request has chosen so far
@@ -178,14 +178,15 @@ def _insert(
       (slots, first token [] int32, finished [] bool, logprobs (`_logprobs` of the token, batch 1)).
     """
     zero = jnp.zeros((1,), jnp.int32)
-    k, v, pos = pcache.k[:, :1], pcache.v[:, :1], pcache.pos[:1]  # [L, 1, S, K, H], [1, S]
     lp = functools.partial(_logprobs, logits[:1], sampling, n_vocab, seen)
     tok, hit, seen = pick(logits[:1], key, zero, sampling, n_vocab, seen, stops)
     finished = hit[0] | (budget <= 1)
-    cache = KVCache(
-        k=_set_row(s.cache.k, k, slot, axis=1),
-        v=_set_row(s.cache.v, v, slot, axis=1),
-        pos=_set_row(s.cache.pos, pos, slot),
+    # k, v (and an int8 cache's k_scale, v_scale) [L, 1, S, K, *] are rows along axis 1, pos [1, S] along axis 0
+    rows = {f: getattr(pcache, f) for f in ("k", "v", "k_scale", "v_scale") if getattr(pcache, f) is not None}
+    cache = dataclasses.replace(
+        s.cache,
+        **{f: _set_row(getattr(s.cache, f), x[:, :1], slot, axis=1) for f, x in rows.items()},
+        pos=_set_row(s.cache.pos, pcache.pos[:1], slot),
         end=s.cache.end.at[slot].set(pcache.end),
     )
     row = dict(
@@ -275,6 +276,7 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         mesh: jax.sharding.Mesh | None = None,
         pipeline: bool = True,
+        kv_cache: str | None = None,
     ):
         """
         Args:
@@ -286,8 +288,16 @@ class Engine:
           mesh: the device mesh the model is sharded over.
           pipeline: dispatch each decode step before reading the ids of the one before (the host's work overlaps
             the device's; a request's end is seen one step late).
+          kv_cache: the KV cache dtype (glm4_jax.config.KV_CACHE_DTYPES), as `Generator`'s; "int8" halves its memory.
+            Default: the model's dtype.
         """
-        self.gen = Generator(model, n_vocab=n_vocab, prefill_chunk=prefill_chunk, mesh=mesh)
+        self.gen = Generator(
+            model,
+            n_vocab=n_vocab,
+            prefill_chunk=prefill_chunk,
+            mesh=mesh,
+            kv_cache=kv_cache,
+        )
         self.cfg = self.gen.cfg
         self.slots = int(slots)
         self.max_len = int(max_len or self.cfg.max_seq_len)
@@ -322,7 +332,7 @@ class Engine:
 
         from glm4_jax.placement import cache_shardings
 
-        cache = cache_shardings(self.cfg, self.mesh, self.slots, self.max_len, per_row=True)
+        cache = cache_shardings(self.cfg, self.mesh, self.slots, self.max_len, dtype=self.gen.cache_dtype, per_row=True)
         shapes = jax.eval_shape(
             lambda: Slots.init(KVCache.init(self.cfg, self.slots, 1, per_row=True), self.cfg.vocab_size)
         )
@@ -347,10 +357,10 @@ class Engine:
 
     def _new_cache(self, batch: int, per_row: bool = False) -> KVCache:
         if self.mesh is None:
-            return KVCache.init(self.cfg, batch, self.max_len, self.gen.dtype, per_row=per_row)
+            return KVCache.init(self.cfg, batch, self.max_len, self.gen.cache_dtype, per_row=per_row)
         from glm4_jax.placement import init_cache
 
-        return init_cache(self.cfg, self.mesh, batch, self.max_len, self.gen.dtype, per_row=per_row)
+        return init_cache(self.cfg, self.mesh, batch, self.max_len, self.gen.cache_dtype, per_row=per_row)
 
     def compiled_count(self, name: str | None = None) -> int:
         """Executables this engine compiled: "prefill" (one per chunk length), "insert", "step"."""

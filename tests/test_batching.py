@@ -191,8 +191,12 @@ def test_bad_requests(model):
         engine.submit([5], max_new_tokens=0)
 
 
-@pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "data=1,fsdp=1,tensor=8", "data=4,tensor=2"])
-def test_mesh_equals_one_device(spec):
+@pytest.mark.parametrize(
+    "spec, kv_cache",
+    [("data=2,fsdp=2,tensor=2", None), ("data=1,fsdp=1,tensor=8", None), ("data=4,tensor=2", None)]
+    + [("data=2,fsdp=2,tensor=2", "int8")],
+)
+def test_mesh_equals_one_device(spec, kv_cache):
     from glm4_jax.placement import shard_model
     from glm4_jax.sharding import make_mesh
 
@@ -212,7 +216,32 @@ def test_mesh_equals_one_device(spec):
         engine.run_until_idle()
         return [reqs[i].ids for i in range(len(specs))]
 
-    one = run(Engine(sharpen(init_model(cfg, seed=2)), slots=4, max_len=64, prefill_chunk=16))
+    one = run(Engine(sharpen(init_model(cfg, seed=2)), slots=4, max_len=64, prefill_chunk=16, kv_cache=kv_cache))
     mesh = make_mesh(spec)
     sharded = shard_model(sharpen(init_model(cfg, seed=2)), mesh)
-    assert run(Engine(sharded, slots=4, max_len=64, prefill_chunk=16, mesh=mesh)) == one
+    assert run(Engine(sharded, slots=4, max_len=64, prefill_chunk=16, mesh=mesh, kv_cache=kv_cache)) == one
+
+
+def test_int8_kv_cache_ids_alone_in_a_batch_and_from_the_generator(model, gen):
+    """With an int8 cache the engine copies the scales with k and v into the slot: a request's greedy ids are
+    the same alone, in a running batch, and from the static Generator with an int8 cache."""
+    import jax.numpy as jnp
+
+    engine = Engine(model, slots=3, max_len=96, prefill_chunk=16, kv_cache="int8")
+    cache = engine._state.cache
+    assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == (*cache.k.shape[:-1], 1)
+    gen8 = Generator(model, prefill_chunk=16, kv_cache="int8")
+    specs = [(_prompt(n, 20 + n), m) for n, m in [(7, 12), (33, 6), (20, 10), (3, 9)]]
+    alone = [engine.generate([p], max_new_tokens=m, stop_ids=())[0].ids for p, m in specs]
+    for (p, m), ids in zip(specs, alone, strict=True):
+        assert ids == gen8.generate([p], max_new_tokens=m, stop_ids=()).ids[0]
+    reqs = []
+    for p, m in specs:  # each joins while the ones before decode
+        reqs.append(engine.submit(p, max_new_tokens=m, stop_ids=()))
+        engine.step()
+        engine.step()
+    engine.run_until_idle()
+    assert [r.ids for r in reqs] == alone
+    # the int8 cache does change the ids of some request (the test sees the quantized path, not a bf16 one)
+    bf16 = [gen.generate([p], max_new_tokens=m, stop_ids=()).ids[0] for p, m in specs]
+    assert bf16 != alone

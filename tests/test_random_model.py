@@ -81,14 +81,17 @@ def test_two_full_width_layers_peak_rss():
     grows by at most 1.1x the weight bytes plus one layer while making them."""
     script = textwrap.dedent(
         """
-        import json, psutil, resource, jax
+        import json, psutil, jax
         from glm4_jax.config import preset
         from glm4_jax.placement import random_model
         cfg = preset("glm-4-9b-chat").replace(num_layers=2, vocab_size=16384, pad_token_id=0, eos_token_ids=(1,),
                                               dtype="bfloat16")
         before = psutil.Process().memory_info().rss
         model = random_model(cfg)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM: this process's own peak. ru_maxrss would not do: Linux carries the parent's peak across the exec
+        # (a pytest process hours into the suite holds several GB).
+        status = open("/proc/self/status").read().split("VmHWM:")[1]
+        peak = int(status.split()[0]) * 1024
         live = sum(x.nbytes for x in jax.live_arrays())
         print(json.dumps({"growth": peak - before, "live": live}))
         """

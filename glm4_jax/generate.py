@@ -27,22 +27,14 @@ from glm4_jax.options import (
     CHAT_DEFAULTS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_CHUNK,
+    ArgumentParser,
     SamplingError,
     SamplingParams,
+    UsageError,
     check_seed,
     truncate_left,
     turn_seed,
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, no usage dump
-        raise UsageError(f"{message} (see --help)")
-
-
-class UsageError(Exception):
-    """Bad input to the CLI: printed as `error: ...` on stderr, exit code 2."""
-
 
 DESCRIPTION = """\
 Generate text with a converted GLM-4 checkpoint (from `python -m glm4_jax.convert`).
@@ -76,7 +68,7 @@ text so far kept; a closed stdout (`| head`) ends the run quietly with status 14
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m glm4_jax.generate",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

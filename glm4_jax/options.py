@@ -8,8 +8,21 @@ imported: `python -m glm4_jax.generate --help` and a bad flag answer in a fracti
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Sequence
+
+
+class UsageError(Exception):
+    """Bad input to a command line (`generate`, `serve`): printed as `error: ...` on stderr, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise `UsageError`: one line and exit code 2 from the CLI's main, no usage dump."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
 
 DEFAULT_PREFILL_CHUNK = 512
 CACHE_ROUND = 128  # default cache lengths are rounded up to a multiple of this (fewer recompiles)

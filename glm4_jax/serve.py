@@ -39,21 +39,12 @@ from collections.abc import Sequence
 from starlette.requests import Request  # the handlers' annotation (FastAPI reads it from this module)
 
 from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, QUANT_SCHEMES
-from glm4_jax.options import DEFAULT_PREFILL_CHUNK, SEED_MAX, SEED_MIN
+from glm4_jax.options import DEFAULT_PREFILL_CHUNK, SEED_MAX, SEED_MIN, ArgumentParser, UsageError
 
 TOP_LOGPROBS = 20  # == glm4_jax.batching.TOP_LOGPROBS (not imported here: it imports JAX)
 MAX_STOP_STRINGS = 16
 DEFAULT_MAX_LEN = 8192  # cache slots per decode row unless --max-len (at most the model's context)
 NEG_INF_LOGPROB = -9999.0  # JSON has no -inf: ids the sampler can never choose
-
-
-class UsageError(Exception):
-    """Bad input to the CLI: printed as `error: ...` on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
 
 
 DESCRIPTION = """\
@@ -68,7 +59,9 @@ It binds 127.0.0.1 unless --host says otherwise. GET /health answers 200 once th
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m glm4_jax.serve", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m glm4_jax.serve", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, metavar="DIR", help="converted checkpoint directory (required)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")

@@ -16,6 +16,7 @@ import sys
 import types
 
 import pytest
+from tiny import load_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "data" / "lm_eval"
@@ -29,13 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server_url():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    serve_load = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("serve_load", serve_load)  # dataclasses look their module up
-    serve_load = sys.modules["serve_load"]
-    spec.loader.exec_module(serve_load)
+    serve_load = load_benchmark("serve_load")
     args = types.SimpleNamespace(url=None, ckpt=None, max_batch=4, requests=16, max_len=256, start_timeout=300)
     with serve_load.server(args) as url:
         yield url

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny import load_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -16,14 +17,7 @@ pytest.importorskip("fastapi", reason="the server needs fastapi")
 
 
 def _load_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("serve_load", module)  # dataclasses look their module up
-    module = sys.modules["serve_load"]
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_load")
 
 
 def test_workload_is_seeded_and_bounded():

@@ -41,3 +41,17 @@ def sharpen(model, factor=10.0):
         w = getattr(model.layers, name)
         w[...] = w[...] * factor
     return model
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module (registered in sys.modules first: its dataclasses look it up)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]

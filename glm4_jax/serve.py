@@ -614,6 +614,20 @@ def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
+def _envelope(cid: str, model: str):
+    """The builder of one request's response bodies and stream chunks: the same id, creation time and model in
+    each, `object` the kind, and `usage` where given."""
+    created = int(time.time())
+
+    def body(kind: str, choices: list, usage: dict | None = None) -> dict:
+        out = {"id": cid, "object": kind, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    return body
+
+
 def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -775,7 +789,7 @@ def create_app(svc: Service):
                 job.cancel()
                 svc.release(len(choices) - job.open - 1)
                 raise
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        body_of = _envelope(f"cmpl-{uuid.uuid4().hex}", svc.model_name)
         prompt_tokens = sum(len(ids) for ids in encoded)
 
         def echo_parts(c: _Choice):
@@ -829,26 +843,12 @@ def create_app(svc: Service):
                 else:
                     block = logprobs_block(c, c.logprobs, 0, False)
                 out.append({"index": c.index, "text": text, "logprobs": block, "finish_reason": c.finish})
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": svc.model_name,
-                "choices": out,
-                "usage": _usage(prompt_tokens, choices),
-            }
+            return body_of("text_completion", out, _usage(prompt_tokens, choices))
 
         async def stream():
             def chunk(c, text, block, finish):
-                return _sse(
-                    {
-                        "id": cid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": svc.model_name,
-                        "choices": [{"index": c.index, "text": text, "logprobs": block, "finish_reason": finish}],
-                    }
-                )
+                choice = {"index": c.index, "text": text, "logprobs": block, "finish_reason": finish}
+                return _sse(body_of("text_completion", [choice]))
 
             try:
                 offsets = {}
@@ -865,8 +865,7 @@ def create_app(svc: Service):
                         yield chunk(c, text, logprobs_block(c, entries, off, False), c.finish if reason else None)
                         offsets[c.index] = off + len(text)
                 if p.include_usage:
-                    yield _sse({"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
-                                "choices": [], "usage": _usage(prompt_tokens, choices)})  # fmt: skip
+                    yield _sse(body_of("text_completion", [], _usage(prompt_tokens, choices)))
                 yield b"data: [DONE]\n\n"
             finally:
                 job.cancel()
@@ -908,7 +907,7 @@ def create_app(svc: Service):
             job.cancel()
             svc.release(p.n - job.open - 1)
             raise
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        body_of = _envelope(f"chatcmpl-{uuid.uuid4().hex}", svc.model_name)
 
         def content_logprobs(entries):
             def item(t, v):
@@ -947,27 +946,13 @@ def create_app(svc: Service):
                     finish = c.finish
                 lp_block = None if p.logprobs is None else {"content": content_logprobs(c.logprobs)}
                 out.append({"index": c.index, "message": message, "logprobs": lp_block, "finish_reason": finish})
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": svc.model_name,
-                "choices": out,
-                "usage": _usage(len(ids), choices),
-            }
+            return body_of("chat.completion", out, _usage(len(ids), choices))
 
         async def stream():
             def chunk(c, delta, entries=None, finish=None):
                 lp_block = None if p.logprobs is None or entries is None else {"content": content_logprobs(entries)}
-                return _sse(
-                    {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": svc.model_name,
-                        "choices": [{"index": c.index, "delta": delta, "logprobs": lp_block, "finish_reason": finish}],
-                    }
-                )
+                choice = {"index": c.index, "delta": delta, "logprobs": lp_block, "finish_reason": finish}
+                return _sse(body_of("chat.completion.chunk", [choice]))
 
             try:
                 for c in choices:
@@ -1025,9 +1010,7 @@ def create_app(svc: Service):
                     if reason is not None:
                         yield chunk(c, {}, None, c.finish)
                 if p.include_usage:
-                    usage = _usage(len(ids), choices)
-                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                "model": svc.model_name, "choices": [], "usage": usage})  # fmt: skip
+                    yield _sse(body_of("chat.completion.chunk", [], _usage(len(ids), choices)))
                 yield b"data: [DONE]\n\n"
             finally:
                 job.cancel()

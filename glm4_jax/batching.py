@@ -17,8 +17,9 @@ The design is JetStream's (prefill, insert into a slot, one generate step for al
    padding (position -1, never visible) and do not advance.
 5. `Engine` (host side) holds the queue, admits requests into free slots, evicts finished and cancelled ones and
    calls the per-token callbacks. The host reads the new tokens of each step ([B] ids and two [B] masks) and
-   nothing else, and by default only after the next step has been dispatched (`pipeline`), so the host's work
-   overlaps the device's and a finished row is seen (and its slot freed) one step late. `submit` and `cancel`
+   nothing else, by default only after the next step has been dispatched (`pipeline`), so the host's work
+   overlaps the device's and a finished row is seen (and its slot freed) one step late; it sends nothing to a
+   step unless a request was cancelled (the cancel mask). `submit` and `cancel`
    are thread-safe; `step` runs on one thread (`run_forever`).
 
 Scheduling policy: each `step` runs at most one prefill chunk (`prefill_chunk` tokens, the first one bucketed)
@@ -321,6 +322,9 @@ class Engine:
         self.pipeline = pipeline
         self._ids = itertools.count()
         self.steps = 0  # decode steps run
+        # The cancel mask of a step: a device array made once, so that a step without cancellations (nearly all)
+        # sends nothing from the host (tests/test_decode_hlo.py checks it with a transfer guard).
+        self._no_cancel = self._device_mask(np.zeros(self.slots, bool))
 
     # -- placement
 
@@ -354,6 +358,14 @@ class Engine:
             except ShardingError:
                 continue
         raise GenerationError(f"no prefill batch fits the mesh {dict(self.mesh.shape)}")
+
+    def _device_mask(self, mask: np.ndarray) -> Array:
+        """A [slots] host mask on the device (replicated on a mesh), as the compiled step takes it."""
+        if self.mesh is None:
+            return jax.device_put(mask)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(mask, NamedSharding(self.mesh, PartitionSpec()))
 
     def _new_cache(self, batch: int, per_row: bool = False) -> KVCache:
         if self.mesh is None:
@@ -448,9 +460,10 @@ class Engine:
     def _decode(self, cancel: np.ndarray) -> None:
         fn = functools.partial(_decode_step, self.gen.graphdef, self.gen.n_vocab, self.gen.pad_id)
         sh = None if self._sh is None else (self._sh, None, None, None, None)
-        step = self.gen._compiled("step", (), fn, (1,), self.gen.state, self._state, cancel, out_shardings=sh)
+        mask = self._device_mask(cancel) if cancel.any() else self._no_cancel
+        step = self.gen._compiled("step", (), fn, (1,), self.gen.state, self._state, mask, out_shardings=sh)
         with self.gen._mesh_context():
-            self._state, tok, emitted, finished, lp = step(self.gen.state, self._state, cancel)
+            self._state, tok, emitted, finished, lp = step(self.gen.state, self._state, mask)
         self._pending = (tok, emitted, finished, lp, cancel, dict(self._running))
         self.steps += 1
 

@@ -50,22 +50,33 @@ def write_kv(ck: Array, cv: Array, k: Array, v: Array, layer: Array, start: Arra
     """Writes k, v [B, T, K, H] into slots [start, start + T) of layer `layer` of ck, cv [L, B, S, K, H]; with
     `start` [B], row b at its own slots [start[b], start[b] + T).
 
-    One dynamic_update_slice per array (per row: the same under vmap, a scatter). With the cache sharded along its
-    slots (a `sequence` mesh axis), XLA's SPMD partitioner turns the batch-wide one into a local clamped update
-    plus a select on each shard, with no gather of the cache (checked on the compiled HLO in tests/test_ring.py).
+    One dynamic_update_slice per array (per row: one scatter of B windows, clamped into the slots as the
+    dynamic_update_slice is). With the cache sharded along its slots (a `sequence` mesh axis), XLA's SPMD
+    partitioner turns the batch-wide one into a local clamped update plus a select on each shard, with no gather
+    of the cache (checked on the compiled HLO in tests/test_ring.py).
+
+    The per-row scatter is written out rather than left to `vmap`, which moves the batch axis to the front: XLA then
+    gave the cache a batch-major layout inside the layer loop and copied the whole cache into it and back at every
+    decode step of the continuous-batching engine (tests/test_decode_hlo.py checks the compiled step).
     """
+    return _write(ck, k, layer, start), _write(cv, v, layer, start)
+
+
+def _write(c: Array, x: Array, layer: Array, start: Array) -> Array:
+    x = x.astype(c.dtype)
     zero = jnp.zeros((), jnp.int32)
     if jnp.ndim(start) == 1:
-
-        def row(c, x, s):  # c [L, S, K, H], x [T, K, H]
-            return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), (layer, s, zero, zero))
-
-        write = jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)
-        return write(ck, k, start), write(cv, v, start)
-    idx = (layer, zero, start, zero, zero)
-    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), idx)
-    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), idx)
-    return ck, cv
+        B = x.shape[0]
+        index = jnp.stack([jnp.broadcast_to(layer, (B,)), jnp.arange(B), start], axis=1).astype(jnp.int32)
+        dims = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(1, 2, 3), inserted_window_dims=(0, 1), scatter_dims_to_operand_dims=(0, 1, 2)
+        )
+        out = jax.lax.scatter(
+            c, index, x, dims, indices_are_sorted=True, unique_indices=True, mode=jax.lax.GatherScatterMode.CLIP
+        )
+    else:
+        out = jax.lax.dynamic_update_slice(c, x[None], (layer, zero, start, zero, zero))
+    return out
 
 
 def quantize_kv(x: Array) -> tuple[Array, Array]:

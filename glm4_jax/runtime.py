@@ -16,8 +16,8 @@ GPU_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
 def configure_xla_flags() -> None:
     """Appends GPU_FLAGS to XLA_FLAGS, leaving alone any flag the user set (by name)."""
     flags = os.environ.get("XLA_FLAGS", "")
+    named = {f.split("=", 1)[0] for f in flags.split()}
     for flag in GPU_FLAGS:
-        name = flag.split("=", 1)[0]
-        if name not in flags:
+        if flag.split("=", 1)[0] not in named:  # by whole name: a longer flag that starts with it is another one
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags

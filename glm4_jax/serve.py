@@ -18,7 +18,9 @@ Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 40
 `param`), 400 `context_length_exceeded` for a prompt and budget longer than the cache, 401 for a wrong or missing
 key with `--api-key`, 404 for an unknown model, 429 with `Retry-After` when the queue is full, 503 while starting
 or draining. A client that disconnects cancels its request at the engine's next step. SIGTERM (or Ctrl-C) stops
-admitting, lets running requests finish for `--shutdown-timeout` seconds, cancels what is left, and exits 0.
+admitting (the server keeps listening meanwhile and answers new requests 503), lets running requests finish for
+`--shutdown-timeout` seconds, cancels what is left (their `finish_reason` is "length": only OpenAI's values are
+used), and exits 0; a second signal exits at once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # As in generate.py: no JAX at module level, so `--help` and bad flags answer at once.
 from starlette.requests import Request  # the handlers' annotation (FastAPI reads it from this module)
@@ -305,7 +307,9 @@ class _Choice:
         if self.finish is None:
             self._add(self.decoder.flush())
         if self.finish is None:
-            self.finish = {"stop_id": "stop", "cancelled": "abort"}.get(reason, "length")
+            # OpenAI's values only: a request cut short by the server (cancelled when a drain timed out; a client
+            # that disconnected never reads it) reports "length", the value for output that ended before its end.
+            self.finish = "stop" if reason == "stop_id" else "length"
 
     def release(self) -> str:
         """The text that is final now (all of it once finished)."""
@@ -426,8 +430,10 @@ class Service:
         if self.thread is not None:
             self.thread.join(timeout=30)
 
-    def drain(self, timeout: float) -> None:
-        """Stops admitting; after `timeout` seconds cancels every request still running."""
+    def drain(self, timeout: float, then: Callable[[], None] | None = None) -> None:
+        """Stops admitting (the server keeps listening and answers new requests 503); after `timeout` seconds
+        cancels every request still running; then calls `then` (the server's exit), whose graceful shutdown lets
+        the cancelled streams send their last chunk."""
         if self.draining:
             return
         self.draining = True
@@ -440,6 +446,8 @@ class Service:
                 running = list(self._live)
             for r in running:
                 self.engine.cancel(r)
+            if then is not None:
+                then()
 
         threading.Thread(target=cancel_all, name="drain", daemon=True).start()
 
@@ -702,8 +710,12 @@ def create_app(svc: Service):
     async def tokenizer_info(request: Request):
         auth(request)
         svc.check_open()
+        # GLM-4's tokenizer has no BOS token (as its tokenizer_config.json: eos and pad <|endoftext|>, no bos):
+        # every prompt starts with the prefix [gMASK]<sop>, which /tokenize adds with add_special_tokens.
         eos = svc.tok.decode([min(svc.eos_ids)])
-        return {"eos_token": eos, "bos_token": None, "pad_token": None, "model_max_length": svc.max_len}
+        pad_id = svc.cfg.pad_token_id
+        pad = svc.tok.decode([pad_id]) if 0 <= pad_id < svc.tok.n_vocab else None
+        return {"eos_token": eos, "bos_token": None, "pad_token": pad, "model_max_length": svc.max_len}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -1040,7 +1052,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            svc.drain(args.shutdown_timeout)
+            # The first signal drains: uvicorn keeps listening (new requests get 503, /health "draining") until the
+            # running requests end or are cancelled; a second signal exits at once.
+            if svc.draining:
+                self.exit_now(sig, frame)
+            else:
+                svc.drain(args.shutdown_timeout, then=lambda: self.exit_now(sig, frame))
+
+        def exit_now(self, sig, frame):
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a handled SIGTERM ends the process with 0, not by the signal
 

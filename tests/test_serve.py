@@ -386,14 +386,55 @@ def test_queue_full_is_429_and_others_are_undisturbed(server):
     assert out.choices[0].finish_reason in ("length", "stop")
 
 
+def test_tokenizer_info_is_glm4s(server):
+    """GLM-4's tokenizer (tokenizer_config.json): eos and pad <|endoftext|>, no BOS token (prompts start with the
+    [gMASK]<sop> prefix that /tokenize adds)."""
+    r = httpx.get(f"{server.url}/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 200
+    assert r.json() == {
+        "eos_token": "<|endoftext|>",
+        "bos_token": None,
+        "pad_token": "<|endoftext|>",
+        "model_max_length": MAX_LEN,
+    }
+
+
+def test_finish_reasons_are_openais(tok):
+    """An engine request's end maps to OpenAI's values: a stop id to "stop", a budget, a full cache and a
+    cancellation (a drain that timed out) to "length"."""
+    import types
+
+    from glm4_jax.serve import _Choice
+
+    svc = types.SimpleNamespace(tok=tok)
+    p = types.SimpleNamespace(stop=[])
+    for reason, finish in (("stop_id", "stop"), ("max_new_tokens", "length"), ("cache_full", "length")):
+        c = _Choice(svc, 0, p, chat=False, stop_ids=set())
+        c.done(reason)
+        assert c.finish == finish, reason
+    c = _Choice(svc, 0, p, chat=False, stop_ids=set())
+    c.done("cancelled")
+    assert c.finish == "length"
+
+
 def test_sigterm_drains_and_exits_0(server):
-    """Runs last: SIGTERM ends the module's server; the open stream is finished or cancelled, and the exit is 0."""
+    """Runs last: SIGTERM ends the module's server. While it drains it still listens and answers a new request
+    503 in OpenAI's shape; the open stream is finished or cancelled with an OpenAI finish_reason; the exit is 0."""
     _wait_idle(server)
     ctx, lines = _open_stream(server, max_tokens=MAX_LEN - 20)
     server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while server.health()["status"] != "draining":
+        assert time.monotonic() < deadline, server.health()
+        time.sleep(0.02)
+    r = _post(server, "/v1/completions", json.dumps({"model": server.name, "prompt": "x"}).encode())
+    assert r.status_code == 503
+    assert r.json() == {
+        "error": {"message": "the server is shutting down", "type": "service_unavailable", "param": None, "code": None}
+    }
     tail = list(lines)
     ctx.__exit__(None, None, None)
     assert server.proc.wait(60) == 0, "".join(server.log)
     assert "data: [DONE]" in tail
     finish = [json.loads(t[6:])["choices"][0]["finish_reason"] for t in tail if t.startswith("data: {")]
-    assert finish[-1] in ("length", "stop", "abort")
+    assert finish[-1] in ("length", "stop")

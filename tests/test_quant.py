@@ -186,6 +186,76 @@ def test_linear_equals_the_dequantized_matmul(scheme, shape, n_in, spec):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max())
 
 
+# ---- the Pallas kernel (glm4_jax/qkernel.py), in interpret mode on the CPU -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scheme,M,K,O,group",
+    [
+        ("int8", 1, 256, 256, 128),  # one K step per split
+        ("int8", 5, 1024, 128, 128),  # one output tile: K split in two ranges
+        ("int4", 1, 512, 384, 128),  # GLM-4's group size
+        ("int4", 3, 256, 256, 32),  # 8 groups in 2 splits
+        ("int4", 16, 512, 128, 64),  # the most rows it takes
+    ],
+)
+def test_pallas_kernel_equals_the_dequantized_matmul(scheme, M, K, O, group):
+    from glm4_jax import qkernel
+
+    w = _weights((K, O), outliers=2)
+    v, s = quant.quantize(w, (0,), scheme, group)
+    x = RNG.standard_normal((M, K)).astype(np.float32)
+    ref = x @ quant.dequantize(v, s, (0,), scheme, group)
+    assert qkernel.fits(M, K, O, scheme, group)
+    out = qkernel.linear(jnp.asarray(x), jnp.asarray(v), jnp.asarray(s), quant=scheme, group=group, interpret=True)
+    assert out.shape == (M, O) and out.dtype == jnp.float32
+    # float32 sums in another order: within float32 rounding of the largest output
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max())
+    # bf16 activations, as in the model: the XLA path and the kernel round differently (the XLA int4 path rounds
+    # each dequantized weight to bf16; the kernel applies the scale to the float32 sums), both near float32
+    xb = jnp.asarray(x, jnp.bfloat16)
+    exact = np.asarray(xb, np.float32) @ quant.dequantize(v, s, (0,), scheme, group)
+    kern = qkernel.linear(xb, jnp.asarray(v), jnp.asarray(s), quant=scheme, group=group, interpret=True)
+    xla = qmatmul.linear(xb, jnp.asarray(v), jnp.asarray(s), n_in=1, quant=scheme, group=group)
+    assert kern.dtype == jnp.bfloat16
+    for got in (kern, xla):  # bf16 output rounding (2^-8 relative) plus the weights' bf16 rounding (int4 XLA)
+        np.testing.assert_allclose(np.asarray(got, np.float32), exact, rtol=1e-2, atol=1e-2 * np.abs(exact).max())
+
+
+def test_linear_takes_the_kernel_where_it_applies(monkeypatch):
+    # The dispatch: with the GPU-only conditions granted, qmatmul.linear hands decode rows of any layout (here o,
+    # two contracted axes and int4 groups along H; and q with its heads as outputs) to the kernel, and keeps the
+    # XLA path past MAX_M rows.
+    from glm4_jax import qkernel
+
+    assert not qkernel.applies(1, 256, 256, "int8", 128)  # on this CPU: never
+    calls = []
+    kernel = qkernel.linear
+
+    def counting(*args, **kw):
+        calls.append(args[0].shape)
+        return kernel(*args, interpret=True, **kw)
+
+    for scheme in ("int8", "int4"):
+        for shape, n_in, spec in (((4, 64, 128), 2, "MNH,NHO->MO"), ((128, 2, 64), 1, "MD,DNH->MNH")):
+            w = _weights(shape, outliers=2)
+            contracted = tuple(range(n_in))
+            v, s = quant.quantize(w, contracted, scheme, 32)
+            dq = quant.dequantize(v, s, contracted, scheme, 32)
+            for M in (2, qkernel.MAX_M + 1):
+                x = RNG.standard_normal((M, *shape[:n_in])).astype(np.float32)
+                with monkeypatch.context() as m:
+                    m.setattr(qkernel, "applies", lambda M, K, O, quant, group: qkernel.fits(M, K, O, quant, group))
+                    m.setattr(qkernel, "linear", counting)
+                    calls.clear()
+                    out = qmatmul.linear(
+                        jnp.asarray(x), jnp.asarray(v), jnp.asarray(s), n_in=n_in, quant=scheme, group=32
+                    )
+                assert len(calls) == (1 if M <= qkernel.MAX_M else 0), (scheme, shape, M)
+                ref = np.einsum(spec, x, dq)
+                np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max())
+
+
 def test_num_blocks_keeps_shardable_blocks():
     assert qmatmul.num_blocks(4096, 13696 * 2) == 16  # int8 gate rows: 112 MB of bf16 in blocks of 7 MB
     assert qmatmul.num_blocks(13696, 4096 * 2) == 16  # int8 down rows: 13696 = 2^7 * 107, 856 rows a block

@@ -15,6 +15,9 @@ Parts (in order):
             share of the measured copy floor, compile s of each first call, peak device memory
   jax_int8  decode 1x128 with int8 weights (Config.quant), the same columns
   jax_int4  decode 1x128 with int4 weights
+  qmatmul   one batch-1 matmul on int8 / int4 weights (the gate and down matrices, group 128): the XLA path of
+            glm4_jax/qmatmul.py against the Pallas kernel of glm4_jax/qkernel.py (on a CPU: interpret mode), ms
+            and weight GB/s of each, whether qmatmul.linear takes the kernel here, and their largest difference
   jax_long  decode at batch 1 with 131,072 tokens of context (prompt 130,944 + 128 new), whose prefill is the long
             prefill figure
   hf        transformers GlmForCausalLM with the same random weights (static cache, torch.compile): decode 1x128,
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -47,6 +51,7 @@ BUDGETS = {
     "jax_bf16": 110,
     "jax_int8": 55,
     "jax_int4": 55,
+    "qmatmul": 40,
     "jax_long": 90,
     "hf": 100,
     "parity": 75,
@@ -67,10 +72,11 @@ class Shapes:
     greedy_prompt: int
     greedy_new: int
     repeats: int
+    qmatmul: tuple[tuple[int, int], ...] = ((4096, 13696), (13696, 4096))  # [K, O]: gate / up, and down
 
 
 FULL = Shapes("glm-4-9b-chat", 4 << 30, 8192, 128, ((1, 128), (64, 1024)), 8192, 131072, 512, 128, 64, 3)
-TINY = Shapes(None, 16 << 20, 256, 16, ((1, 32), (4, 64)), 256, 1024, 64, 16, 16, 1)
+TINY = Shapes(None, 16 << 20, 256, 16, ((1, 32), (4, 64)), 256, 1024, 64, 16, 16, 1, ((256, 512), (512, 256)))
 
 
 def model_config(shapes: Shapes, quant: str | None = None):
@@ -177,6 +183,49 @@ def part_jax_int8(shapes, rec, work):
 
 def part_jax_int4(shapes, rec, work):
     _jax_decode(shapes, rec, work, "int4", [("decode", *shapes.decode[0], shapes.new_tokens, shapes.repeats)])
+
+
+def _ready(fn, *args):
+    return fn(*args).block_until_ready()
+
+
+def part_qmatmul(shapes, rec, work):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from glm4_jax import qkernel, qmatmul, quant
+
+    gpu = jax.default_backend() == "gpu"
+    rec.info(device=jax.devices()[0].device_kind, jax=jax.__version__, kernel="pallas" if gpu else "pallas-interpret")
+    rng = np.random.default_rng(0)
+    repeats = 20 if shapes.preset else 2
+    for K, O in shapes.qmatmul:
+        w = (0.05 * rng.standard_normal((K, O))).astype(np.float32)
+        x = jnp.asarray(rng.standard_normal((1, K)), jnp.bfloat16)
+        for scheme in ("int8", "int4"):
+            v, sc = (jnp.asarray(a) for a in quant.quantize(w, (0,), scheme, 128, scale_dtype=jnp.bfloat16))
+            nbytes = v.nbytes + sc.nbytes
+            kw = dict(quant=scheme, group=128)
+            xla = jax.jit(functools.partial(qmatmul.linear, n_in=1, **kw))
+            kern = jax.jit(functools.partial(qkernel.linear, interpret=not gpu, **kw))
+            qkernel.ENABLED = False  # xla is traced (on its first call) with the XLA path
+            try:
+                ref = xla(x, v, sc)
+            finally:
+                qkernel.ENABLED = True
+            s = timed(functools.partial(_ready, xla, x, v, sc), repeats)
+            row = dict(what=f"x [1, {K}] @ W [{K}, {O}] {scheme}", weight_bytes=nbytes)
+            row |= dict(xla_ms=s * 1e3, xla_gb_s=nbytes / s / 1e9)
+            try:
+                out = kern(x, v, sc)
+                s = timed(functools.partial(_ready, kern, x, v, sc), repeats)
+            except Exception as e:  # a kernel that does not lower here: recorded with the XLA figures
+                rec.row(**row, kernel_error=str(e).strip().splitlines()[0][:200])
+                continue
+            diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+            row |= dict(kernel_ms=s * 1e3, kernel_gb_s=nbytes / s / 1e9, speedup=row["xla_ms"] / (s * 1e3))
+            rec.row(**row, max_diff=diff, linear_takes_kernel=qkernel.applies(1, K, O, scheme, 128))
 
 
 def part_jax_long(shapes, rec, work):

@@ -8,7 +8,8 @@ each torch [out, in] weight scaled by `--outlier-scale`, as real checkpoints hav
 converted by the real converter (bfloat16). Over one prompt of `--tokens` random ids, the next-token distribution
 at every position is compared with float32 transformers: mean KL(transformers || ours) in nats, and the share of
 positions whose most likely token agrees. Rows: our bf16 model, int8 and int4 weights (quantized while loading,
-bf16 activations), each with our quantizer (clipping search) and with plain absmax quantization of the same
+bf16 activations), each with our quantizer (absmax or, where the largest entry is negative, the finer
+step that puts it on level -qmax - 1; glm4_jax/quant.py) and with plain absmax quantization of the same
 weights (the search switched off), and int8 weights with an int8 KV cache (the prompt prefilled into the cache,
 so attention reads the quantized keys and values).
 """
@@ -123,11 +124,11 @@ def main(argv=None) -> int:
     for scheme in ("int8", "int4"):
         kw = dict(quantize=scheme, group_size=args.group_size)
         run(f"{scheme} (ours)", **kw)
-        ratios, quant.CLIP_RATIOS = quant.CLIP_RATIOS, (1.0,)  # plain absmax: no clipping search
+        quant.SEARCH = False  # plain absmax
         try:
             run(f"{scheme} (plain absmax)", **kw)
         finally:
-            quant.CLIP_RATIOS = ratios
+            quant.SEARCH = True
     run("int8 + int8 KV cache", kv_cache="int8", quantize="int8")
 
     widths = "real widths" if args.real_widths else "small"

@@ -13,6 +13,9 @@ axis that splits Ck into contiguous pieces then splits every block the same way,
 device is split along and the weights are never gathered; `num_blocks` keeps each block divisible by 8 such
 pieces where the block stays under 4 x BLOCK_BYTES.
 
+On a GPU, for a few rows (decode), `linear` takes the Pallas kernel of glm4_jax/qkernel.py instead (its
+`applies` names the conditions), which dequantizes in registers.
+
 The integer values are exact in bf16, so each block is converted to the activations' dtype and multiplied in its
 matmul with float32 accumulation; the scales apply in float32 (int8: once, to the output; int4: to the block).
 """
@@ -23,6 +26,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from glm4_jax import qkernel
 
 Array = jax.Array
 
@@ -69,6 +74,10 @@ def linear(x: Array, w: Array, scale: Array, *, n_in: int, quant: str, group: in
     M = math.prod(lead)
     itemsize = jnp.dtype(x.dtype).itemsize
     x = x.reshape(M, pre, n)
+    if qkernel.applies(M, pre * n, O, quant, group):  # a GPU, decode rows: dequantized in registers (qkernel.py)
+        w2, s2 = w.reshape(-1, O), scale.reshape(-1, O)
+        out = qkernel.linear(x.reshape(M, pre * n), w2, s2, quant=quant, group=group, out_dtype=out_dtype)
+        return out.reshape(*lead, *out_shape)
 
     if quant == "int8":
         nb = num_blocks(n, pre * O * itemsize)

@@ -24,7 +24,7 @@ def test_tiny_suite_runs_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "suite.log").read_text()[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     parts = results["parts"]
-    assert list(parts) == ["floor", "jax_bf16", "jax_int8", "jax_int4", "jax_long", "hf", "parity"]
+    assert list(parts) == ["floor", "jax_bf16", "jax_int8", "jax_int4", "qmatmul", "jax_long", "hf", "parity"]
     assert all(p["status"] == "ok" for p in parts.values())
     floor = {r["what"]: r for r in parts["floor"]["rows"]}
     assert floor["copy"]["gb_s"] > 0 and floor["bf16 matmul 256^3"]["tflop_s"] > 0
@@ -33,6 +33,13 @@ def test_tiny_suite_runs_every_part(tmp_path):
     for r in (bf16["decode 1x32"], parts["jax_int8"]["rows"][0], parts["jax_int4"]["rows"][0]):
         assert r["decode_tok_s"] > 0 and r["gb_per_s"] > 0 and r["floor_share"] > 0 and r["compile_s"] > 0
     assert [r["quant"] for r in (parts["jax_int8"]["rows"][0], parts["jax_int4"]["rows"][0])] == ["int8", "int4"]
+    qm = parts["qmatmul"]["rows"]
+    assert [r["what"] for r in qm] == [
+        f"x [1, {k}] @ W [{k}, {o}] {q}" for k, o in ((256, 512), (512, 256)) for q in ("int8", "int4")
+    ]
+    for r in qm:  # on the CPU the kernel runs in interpret mode, and qmatmul.linear never takes it
+        assert r["xla_ms"] > 0 and r["kernel_ms"] > 0 and r["linear_takes_kernel"] is False
+        assert r["max_diff"] < 0.05  # bf16 outputs of about unit size, two roundings
     long = parts["jax_long"]["rows"][0]
     assert long["prompt"] + long["new_tokens"] == 1024 and long["decode_tok_s"] > 0
     assert [r["workload"] for r in parts["hf"]["rows"]] == list(bf16)

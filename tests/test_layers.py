@@ -21,7 +21,7 @@ LAYERS = [
     {"glm4_jax", "glm4_jax.runtime", "glm4_jax.paths", "glm4_jax.config", "glm4_jax.options", "glm4_jax.toolcalls"},
     {"glm4_jax.sharding", "glm4_jax.sharding.mesh", "glm4_jax.sharding.rules", "glm4_jax.sharding.plan"},
     {"glm4_jax.kernels", "glm4_jax.ring", "glm4_jax.attention", "glm4_jax.sampling", "glm4_jax.fileio"},
-    {"glm4_jax.qmatmul", "glm4_jax.quant"},
+    {"glm4_jax.qmatmul", "glm4_jax.qkernel", "glm4_jax.quant"},
     {"glm4_jax.model", "glm4_jax.tokenizer", "glm4_jax.chat0414", "glm4_jax.tokenizer_json"},
     {"glm4_jax.placement", "glm4_jax.checkpoint"},
     {"glm4_jax.convert", "glm4_jax.convert.readers", "glm4_jax.convert.table", "glm4_jax.convert.pipeline"},
@@ -46,6 +46,7 @@ MODEL_CODE = {
     "glm4_jax.kernels",
     "glm4_jax.ring",
     "glm4_jax.qmatmul",
+    "glm4_jax.qkernel",
     "glm4_jax.placement",
 }
 CLI = {

@@ -121,11 +121,11 @@ def test_convert_as_main_module_catches_every_error_class(base, tmp_path, case):
 
 
 def _flip_a_bit(ckpt):
-    chunk = min(p for p in (ckpt / "params" / "layers.o" / "c").rglob("*") if p.is_file())
+    chunk = _chunk(ckpt)
     data = bytearray(chunk.read_bytes())
     data[3] ^= 8
     chunk.write_bytes(bytes(data))
-    return ["layers/o", "is corrupt"]
+    return [f"chunk {_index(ckpt, chunk)} of layers/o is corrupt"]
 
 
 def _zero_heads(ckpt):
@@ -148,3 +148,54 @@ def test_verify_as_main_module_catches_checkpoint_and_config_errors(base, tmp_pa
     for needle in needles:
         assert needle in line, (needle, line)
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == files  # verifying writes nothing
+
+
+def _chunk(ckpt, array="layers.o"):
+    return min(p for p in (ckpt / "params" / array / "c").rglob("*") if p.is_file())
+
+
+def _index(ckpt, chunk) -> str:
+    return str(list(map(int, chunk.relative_to(ckpt / "params" / "layers.o" / "c").parts)))
+
+
+def _missing_chunk(ckpt):
+    chunk = _chunk(ckpt)
+    chunk.unlink()
+    return [f"chunk {_index(ckpt, chunk)} of layers/o is unreadable"]
+
+
+def _truncated_chunk(ckpt):
+    chunk = _chunk(ckpt)
+    chunk.write_bytes(chunk.read_bytes()[:-9])
+    return [f"chunk {_index(ckpt, chunk)} of layers/o is unreadable"]
+
+
+def _retyped_zarr_json(ckpt):
+    path = ckpt / "params" / "layers.o" / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["data_type"] = "float16"
+    path.write_text(json.dumps(meta))
+    return ["layers/o has data_type 'float16'"]
+
+
+@pytest.mark.parametrize(
+    "broken", [_flip_a_bit, _missing_chunk, _truncated_chunk, _retyped_zarr_json], ids=lambda f: f.__name__[1:]
+)
+def test_generate_as_main_module_on_a_damaged_checkpoint_is_one_line(base, tmp_path, broken):
+    """The weights are read by TensorStore under Orbax, whose errors and logs once filled 100 to 700 lines."""
+    ckpt = shutil.copytree(base[1], tmp_path / "ckpt")
+    needles = broken(ckpt)
+    files = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    line = one_error_line(
+        cli("glm4_jax.generate", "--ckpt", ckpt, "--prompt-ids", "5,6", "--max-new-tokens", "2", "-q")
+    )
+    for needle in [f"--ckpt {ckpt}: ", *needles]:
+        assert needle in line, (needle, line)
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == files
+
+
+def test_generate_distributed_without_its_flags_is_one_line(base):
+    """--distributed on one machine with no coordinator: JAX's own error, as one line naming the flag."""
+    proc = cli("glm4_jax.generate", "--ckpt", base[1], "--prompt-ids", "5", "--distributed", "-q")
+    line = one_error_line(proc)
+    assert line.startswith("error: --distributed: ") and "coordinator_address" in line, line

@@ -5,11 +5,13 @@
 
 Builds a THUDM-layout checkpoint (safetensors numpy API, random bf16 values) in a temporary directory under
 --workdir, then times, each in its own subprocess on the same disk and interleaved --repeat times: `cp -r SRC`,
-the converter with sha256 of the source (the default) and with --no-hash. It prints the peak resident memory of
-each child (`os.wait4` rusage) and the throughput in MB/s of source bytes, without and with the `sync` after it
-(the converter fsyncs its output before the final rename; cp does not), and checks the targets: peak RSS <= 1.5
-GB + 1.5 x the largest tensor, and throughput >= half of cp's, against `cp` alone and against `cp` then `sync`,
-for the best run of each and for the median of each (on a shared disk the spread between runs can be 2x).
+the converter with sha256 of the source (the default), with --no-hash, and with --no-hash --allow-nonfinite (the
+tensors stored as they are then go by copy_file_range, unchecked for NaN/Inf). It prints the peak resident memory
+and the CPU seconds (user + system) of each child (`os.wait4` rusage) and the throughput in MB/s of source bytes,
+without and with the `sync` after it (the converter fsyncs its output before the final rename; cp does not), and
+checks the targets: peak RSS <= 1.5 GB + 1.5 x the largest tensor, and throughput >= half of cp's, against `cp`
+alone and against `cp` then `sync`, for the best run of each and for the median of each (on a shared disk the
+spread between runs can be 2x).
 The page cache is warm for every timed run (the build and an untimed `cp` read everything once) unless --cold.
 The converter's time includes starting Python and its imports (about 0.15 s: the converter does not import JAX).
 """
@@ -108,7 +110,7 @@ def run(cmd: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode(errors='replace')[-2000:]}")
-    return {"s": t1 - t0, "s_sync": t2 - t0, "rss": usage.ru_maxrss * 1024}
+    return {"s": t1 - t0, "s_sync": t2 - t0, "rss": usage.ru_maxrss * 1024, "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def _ratio(x: float) -> str:
@@ -181,12 +183,13 @@ def main(argv=None) -> None:
         cache = "cold (dropped before each run)" if args.cold else "warm"
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"best of {args.repeat} (interleaved), page cache {cache}; MB/s = source bytes / wall s; load {load}")
-        print(f"{'':36} {'wall s':>7} {'MB/s':>6} {'+sync s':>8} {'MB/s':>6} {'peak RSS':>9}  all wall s")
+        print(f"{'':36} {'wall s':>7} {'MB/s':>6} {'+sync s':>8} {'MB/s':>6} {'peak RSS':>9}  all wall s; all CPU s")
         for label, r in best.items():
             runs = " ".join(f"{x['s']:.2f}" for x in results[label])
+            cpu = " ".join(f"{x['cpu']:.2f}" for x in results[label])  # user + sys: steadier than wall on a busy host
             print(
                 f"{label:36} {r['s']:7.2f} {total / r['s'] / 1e6:6.0f} {r['s_sync']:8.2f} "
-                f"{total / r['s_sync'] / 1e6:6.0f} {r['rss'] / 1e9:6.2f} GB  {runs}"
+                f"{total / r['s_sync'] / 1e6:6.0f} {r['rss'] / 1e9:6.2f} GB  {runs}; {cpu}"
             )
         print(f"converted checkpoint: {out_bytes / 1e9:.2f} GB")
         budget = 1.5e9 + 1.5 * largest

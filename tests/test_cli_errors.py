@@ -166,8 +166,9 @@ def _missing_chunk(ckpt):
 
 def _truncated_chunk(ckpt):
     chunk = _chunk(ckpt)
+    size = chunk.stat().st_size
     chunk.write_bytes(chunk.read_bytes()[:-9])
-    return [f"chunk {_index(ckpt, chunk)} of layers/o is unreadable"]
+    return [f"chunk {_index(ckpt, chunk)} of layers/o has {size - 9} bytes, expected {size}"]
 
 
 def _retyped_zarr_json(ckpt):

@@ -5,11 +5,13 @@
 
 Builds a THUDM-layout checkpoint (safetensors numpy API, random bf16 values) in a temporary directory under
 --workdir, then times, each in its own subprocess on the same disk and interleaved --repeat times: `cp -r SRC`,
-the converter with sha256 of the source (the default) and with --no-hash. It prints the peak resident memory of
-each child (`os.wait4` rusage) and the throughput in MB/s of source bytes, without and with the `sync` after it
-(the converter fsyncs its output before the final rename; cp does not), and checks the targets: peak RSS <= 1.5
-GB + 1.5 x the largest tensor, and throughput >= half of cp's, against `cp` alone and against `cp` then `sync`,
-for the best run of each and for the median of each (on a shared disk the spread between runs can be 2x).
+the converter with sha256 of the source (the default), with --no-hash, and with --no-hash --allow-nonfinite (the
+tensors stored as they are then go by copy_file_range, unchecked for NaN/Inf). It prints the peak resident memory
+and the CPU seconds (user + system) of each child (`os.wait4` rusage) and the throughput in MB/s of source bytes,
+without and with the `sync` after it (the converter fsyncs its output before the final rename; cp does not), and
+checks the targets: peak RSS <= 1.5 GB + 1.5 x the largest tensor, and throughput >= half of cp's, against `cp`
+alone and against `cp` then `sync`, for the best run of each and for the median of each (on a shared disk the
+spread between runs can be 2x).
 The page cache is warm for every timed run (the build and an untimed `cp` read everything once) unless --cold.
 The converter's time includes starting Python and its imports (about 0.15 s: the converter does not import JAX).
 """
@@ -108,7 +110,7 @@ def run(cmd: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode(errors='replace')[-2000:]}")
-    return {"s": t1 - t0, "s_sync": t2 - t0, "rss": usage.ru_maxrss * 1024}
+    return {"s": t1 - t0, "s_sync": t2 - t0, "rss": usage.ru_maxrss * 1024, "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def _ratio(x: float) -> str:
@@ -152,6 +154,17 @@ def main(argv=None) -> None:
             "cp -r": ["cp", "-r", src, copy],
             "convert": [sys.executable, "-m", "glm4_jax.convert", src, dst, "--quiet"],
             "convert --no-hash": [sys.executable, "-m", "glm4_jax.convert", src, dst, "--quiet", "--no-hash"],
+            # The kernel copy (copy_file_range) of the tensors stored as they are: without the NaN/Inf check
+            "convert --no-hash --allow-nonfinite": [
+                sys.executable,
+                "-m",
+                "glm4_jax.convert",
+                src,
+                dst,
+                "--quiet",
+                "--no-hash",
+                "--allow-nonfinite",
+            ],
         }
         run(commands["cp -r"])  # warm-up: the page cache holds the source for every timed run
         results = {label: [] for label in commands}
@@ -170,12 +183,13 @@ def main(argv=None) -> None:
         cache = "cold (dropped before each run)" if args.cold else "warm"
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"best of {args.repeat} (interleaved), page cache {cache}; MB/s = source bytes / wall s; load {load}")
-        print(f"{'':20} {'wall s':>7} {'MB/s':>6} {'+sync s':>8} {'MB/s':>6} {'peak RSS':>9}  all wall s")
+        print(f"{'':36} {'wall s':>7} {'MB/s':>6} {'+sync s':>8} {'MB/s':>6} {'peak RSS':>9}  all wall s; all CPU s")
         for label, r in best.items():
             runs = " ".join(f"{x['s']:.2f}" for x in results[label])
+            cpu = " ".join(f"{x['cpu']:.2f}" for x in results[label])  # user + sys: steadier than wall on a busy host
             print(
-                f"{label:20} {r['s']:7.2f} {total / r['s'] / 1e6:6.0f} {r['s_sync']:8.2f} "
-                f"{total / r['s_sync'] / 1e6:6.0f} {r['rss'] / 1e9:6.2f} GB  {runs}"
+                f"{label:36} {r['s']:7.2f} {total / r['s'] / 1e6:6.0f} {r['s_sync']:8.2f} "
+                f"{total / r['s_sync'] / 1e6:6.0f} {r['rss'] / 1e9:6.2f} GB  {runs}; {cpu}"
             )
         print(f"converted checkpoint: {out_bytes / 1e9:.2f} GB")
         budget = 1.5e9 + 1.5 * largest
@@ -183,7 +197,7 @@ def main(argv=None) -> None:
         med = {label: statistics.median(r["s"] for r in rs) for label, rs in results.items()}
         med_sync = statistics.median(r["s_sync"] for r in results["cp -r"])
         print("throughput as a fraction of cp's (target >= 0.5), best of each and median of each:")
-        for label in ("convert", "convert --no-hash"):
+        for label in ("convert", "convert --no-hash", "convert --no-hash --allow-nonfinite"):
             rss = max(r["rss"] for r in results[label])
             s = best[label]["s"]
             print(

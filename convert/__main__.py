@@ -184,4 +184,7 @@ def _fail(message: str) -> None:
 
 
 if __name__ == "__main__":
+    # One module, whatever imports it later: `import glm4_jax.convert.__main__` (the console script's entry point,
+    # say) must not load this file a second time, with a second copy of anything defined here.
+    sys.modules.setdefault("glm4_jax.convert.__main__", sys.modules[__name__])
     sys.exit(main())

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pathlib
+import stat
 import sys
 import threading
 import time
@@ -490,17 +491,40 @@ def verify(path: str | os.PathLike, *, progress: Callable[[int], None] | None = 
         raise CheckpointError(
             f"{path}: format version {version_of(manifest)} stores no checksums; convert it again to verify it"
         )
+    for array_dir, name, index, nbytes in _stored_chunks(path, cfg, manifest):
+        _chunk_bytes(array_dir, name, index, nbytes, True)
+        if progress is not None:
+            progress(nbytes)
+    return cfg, manifest
+
+
+def _stored_chunks(path: pathlib.Path, cfg: Config, manifest: dict) -> Iterator[tuple[pathlib.Path, str, list, int]]:
+    """(array directory, parameter name, chunk index, data bytes of a chunk) for every chunk of a checksummed
+    checkpoint, each array's metadata checked first."""
     for name, spec in flatten(expected_params(cfg)):
         meta = array_metadata(path, name, tuple(spec.shape), np.dtype(spec.dtype).name, manifest["conversion_id"])
         chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         nbytes = math.prod(chunk) * np.dtype(spec.dtype).itemsize
         array_dir = path / PARAMS_DIR / name.replace("/", ".")
         for region in chunk_regions(tuple(spec.shape), chunk):
-            index = [r.start // c for r, c in zip(region, chunk, strict=True)]
-            _chunk_bytes(array_dir, name, index, nbytes, True)
-            if progress is not None:
-                progress(nbytes)
-    return cfg, manifest
+            yield array_dir, name, [r.start // c for r, c in zip(region, chunk, strict=True)], nbytes
+
+
+def _check_chunk_files(path: pathlib.Path, cfg: Config, manifest: dict) -> None:
+    """Every chunk a regular file of exactly its size (one stat each, no read). TensorStore reads the bytes it needs
+    and checks their crc32c, so bytes appended to a chunk would otherwise go unnoticed."""
+    for array_dir, name, index, nbytes in _stored_chunks(path, cfg, manifest):
+        where = array_dir.joinpath("c", *map(str, index))
+        try:
+            info = os.stat(where)
+        except OSError as e:
+            raise CheckpointError(f"{where}: chunk {index} of {name} is unreadable ({e.strerror or e})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{where}: chunk {index} of {name} is unreadable (not a regular file)")
+        if info.st_size != nbytes + CRC_BYTES:
+            raise CheckpointError(
+                f"{where}: chunk {index} of {name} has {info.st_size} bytes, expected {nbytes + CRC_BYTES}"
+            )
 
 
 def _restore(path: pathlib.Path, cfg: Config, shardings: dict, progress: Callable[[int], None] | None = None) -> dict:
@@ -672,7 +696,9 @@ def load(
     from glm4_jax.model import abstract_model
 
     path = pathlib.Path(path)
-    cfg, _ = check(path)
+    cfg, manifest = check(path)
+    if version_of(manifest) >= 2:
+        _check_chunk_files(path, cfg, manifest)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     target = cfg.replace(dtype=dtype or cfg.dtype)

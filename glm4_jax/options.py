@@ -71,8 +71,8 @@ class SamplingParams:
         """Raises SamplingError (a ValueError) naming the offending setting."""
         if not self.temperature >= 0:  # also catches NaN
             raise SamplingError("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise SamplingError("top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 <= self.top_k < 2**31:  # the sampler holds it as an int32 (any k >= the vocabulary keeps all)
+            raise SamplingError("top_k", f"must be in [0, {2**31 - 1}] (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SamplingError("top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p}")
         if not 0 < self.repetition_penalty < float("inf"):

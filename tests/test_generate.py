@@ -300,6 +300,7 @@ def test_cli_bad_numbers(capsys, ckpt_dirs):
     assert "--top-p" in _cli_error(capsys, [*base, "--top-p", "0"])
     assert "--top-p" in _cli_error(capsys, [*base, "--top-p", "1.5"])
     assert "--top-k" in _cli_error(capsys, [*base, "--top-k", "-1"])
+    assert f"--top-k must be in [0, {2**31 - 1}]" in _cli_error(capsys, [*base, "--top-k", str(10**30)])
     assert "--max-new-tokens" in _cli_error(capsys, [*base, "--max-new-tokens", "0"])
     assert "--repetition-penalty" in _cli_error(capsys, [*base, "--repetition-penalty", "0"])
     assert "invalid float" in _cli_error(capsys, [*base, "--temperature", "hot"])

@@ -169,6 +169,7 @@ def test_candidates_sorted_with_ids():
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
+        (dict(top_k=2**31), r"top_k must be in \[0, 2147483647\]"),  # the sampler holds an int32
         (dict(repetition_penalty=0.0), "repetition_penalty"),
     ],
 )

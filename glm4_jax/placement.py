@@ -20,7 +20,16 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from glm4_jax.config import Config, kv_copies
-from glm4_jax.model import GLM4, KVCache, abstract_model, fuse_params, init_model, kv_copies_of, param_axes, split_params
+from glm4_jax.model import (
+    GLM4,
+    KVCache,
+    abstract_model,
+    fuse_params,
+    init_model,
+    kv_copies_of,
+    param_axes,
+    split_params,
+)
 from glm4_jax.paths import flatten, map_with_path, unflatten
 from glm4_jax.sharding.rules import LOGITS_AXES, TOKENS_AXES, Rules, named_sharding
 
@@ -72,7 +81,10 @@ def _with_shardings(shapes, shardings):
 
 def abstract_params(model_or_cfg: GLM4 | Config, mesh: Mesh | AbstractMesh, rules: Rules | None = None) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: the target of a sharded restore."""
-    model = abstract_model(model_or_cfg) if isinstance(model_or_cfg, Config) else model_or_cfg
+    if isinstance(model_or_cfg, Config):
+        model = abstract_model(model_or_cfg, mesh_kv_copies(model_or_cfg, mesh))
+    else:
+        model = model_or_cfg
     return _with_shardings(param_tree(model), param_shardings(model, mesh, rules))
 
 

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import sharpen
 
 from glm4_jax import checkpoint, qmatmul, quant
 from glm4_jax.config import FUSED, MODEL_QUANTIZED, QUANTIZED, Config, kv_copies
 from glm4_jax.model import KVCache, fuse, fuse_params, init_model, linear, split, split_params
 from glm4_jax.paths import flatten
 from glm4_jax.placement import param_tree, regroup
-from tiny import sharpen
 
 # Distinct output widths: q 64, k and v 32 each, qkv 2 * (2 + 2) * 16 = 128 (c = 1); gate and up 80, gate_up 160.
 CFG = Config(

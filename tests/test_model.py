@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import sharpen
 
 from glm4_jax.config import Config, ConfigError, preset
 from glm4_jax.fixtures import GQA6
 from glm4_jax.model import KVCache, abstract_model, init_model, param_axes, param_count
-from tiny import sharpen
 
 TINY = GQA6
 

@@ -183,7 +183,7 @@ def test_quantized_model_against_dense_and_numpy(dense_ckpt, scheme, group, tol)
     params = dict(flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     deq = {}
     for name, arr in flatten(nnx.to_pure_dict(nnx.state(dense, nnx.Param))):
-        c = QUANTIZED.get(name)
+        c = MODEL_QUANTIZED.get(name)  # the model's tree: qkv and gate_up fused
         deq[name] = (
             arr
             if c is None

@@ -133,6 +133,10 @@ def split_params(cfg: Config, flat: dict) -> dict:
     return {path: out[path] for path in cfg.stored_layout()}
 
 
+# The new keys and values of a layer [B, T, K, H], split like the hidden states and the cache's kv heads.
+KV_AXES = (HIDDEN_AXES[0], HIDDEN_AXES[1], "kv_heads", "head_dim")
+
+
 # ---- KV cache -------------------------------------------------------------------------------------------------
 
 
@@ -339,6 +343,9 @@ def _decoder_layer(
         if cfg.attention_bias:
             qkv = qkv + p["qkv_bias"]
         q, k, v = split("layers/qkv", qkv, cfg.num_kv_heads)  # [B, T, N, H], [B, T, K, H] (copy 0 of each kv head)
+        # k and v sharded like the cache's kv heads (replicated when the tensor axis exceeds them, the kv copies then
+        # living on other devices): XLA gathers these few values, where it would otherwise all-reduce the cache.
+        k, v = (constrain(x, KV_AXES) for x in (k, v))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv is None:

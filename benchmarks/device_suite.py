@@ -238,6 +238,8 @@ def hf_state_dict(params: dict, cfg) -> dict:
     tensors on the same device (through DLPack), one tensor at a time."""
     import torch
 
+    from glm4_jax.model import split
+
     def t(x):
         return torch.from_dlpack(x)
 
@@ -249,12 +251,15 @@ def hf_state_dict(params: dict, cfg) -> dict:
         h = f"model.layers.{i}."
         sd[h + "input_layernorm.weight"] = t(layers["attn_norm"][i])
         sd[h + "post_attention_layernorm.weight"] = t(layers["mlp_norm"][i])
-        for x in "qkv":
-            sd[h + f"self_attn.{x}_proj.weight"] = t(layers[x][i]).reshape(D, -1).T.contiguous()
-            if cfg.attention_bias:
-                sd[h + f"self_attn.{x}_proj.bias"] = t(layers[f"{x}_bias"][i]).reshape(-1).contiguous()
+        # our q/k/v and gate/up are fused (glm4_jax.model.split gives the parts, one layer at a time)
+        qkv = split("layers/qkv", layers["qkv"][i], cfg.num_kv_heads)
+        bias = split("layers/qkv_bias", layers["qkv_bias"][i], cfg.num_kv_heads) if cfg.attention_bias else None
+        for j, x in enumerate("qkv"):
+            sd[h + f"self_attn.{x}_proj.weight"] = t(qkv[j]).reshape(D, -1).T.contiguous()
+            if bias is not None:
+                sd[h + f"self_attn.{x}_proj.bias"] = t(bias[j]).reshape(-1).contiguous()
         sd[h + "self_attn.o_proj.weight"] = t(layers["o"][i]).reshape(-1, D).T.contiguous()
-        gate, up = t(layers["gate"][i]), t(layers["up"][i])
+        gate, up = (t(x) for x in split("layers/gate_up", layers["gate_up"][i], cfg.num_kv_heads))
         sd[h + "mlp.gate_up_proj.weight"] = torch.cat([gate.T, up.T], dim=0).contiguous()
         sd[h + "mlp.down_proj.weight"] = t(layers["down"][i]).T.contiguous()
     return sd

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, QUANTIZED, Config, ConfigError, np_dtype
+from glm4_jax.config import DEFAULT_GROUP_SIZE, DTYPES, FUSED, QUANTIZED, Config, ConfigError, np_dtype
 from glm4_jax.fileio import ArraySource, NumpySource, ScratchBuffer, crc32c, staging_dir, write_all
 from glm4_jax.paths import flatten, unflatten
 
@@ -300,13 +300,18 @@ def write_manifest(
 
 
 def save(path: str | os.PathLike, model_or_params, cfg: Config, *, overwrite: bool = False) -> None:
-    """Writes a GLM4 model (or its parameter dict) as a converted checkpoint at `path`, atomically."""
+    """Writes a GLM4 model (or its parameter dict, fused as the model holds it or in the stored layout) as a
+    converted checkpoint at `path`, atomically. Fused arrays are written as their parts (`glm4_jax.model.split`)."""
     from flax import nnx
 
     if isinstance(model_or_params, nnx.Module):
         params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     else:
         params = model_or_params
+    if isinstance(params.get("layers"), dict) and "qkv" in params["layers"]:
+        from glm4_jax.model import split_params
+
+        params = unflatten(split_params(cfg, dict(flatten(params))).items())
     _check_tree(params, cfg, what="parameters given to save()")
     layout = cfg.stored_layout()
     params = unflatten((name, NumpySource(x, np_dtype(layout[name][2]))) for name, x in flatten(params))
@@ -527,30 +532,66 @@ def _check_chunk_files(path: pathlib.Path, cfg: Config, manifest: dict) -> None:
             )
 
 
-def _restore(path: pathlib.Path, cfg: Config, shardings: dict, progress: Callable[[int], None] | None = None) -> dict:
-    """The parameters of `cfg` read from `path` into their shardings, one array at a time, so that the host holds
-    at most about one array beyond what is already on the devices. `progress(nbytes)` after each."""
+def _restore(
+    path: pathlib.Path, cfg: Config, shardings: dict, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, object]]:
+    """(name, array) of the parameters of `cfg` read from `path` into their shardings (a flat dict, in its order),
+    one array at a time, so that the host holds at most about one array beyond what is already on the devices.
+    `progress(nbytes)` after each."""
     import jax
     import orbax.checkpoint as ocp
 
     abstract = dict(flatten(expected_params(cfg)))
-    placed = []
     largest = max(a.size * a.dtype.itemsize for a in abstract.values())
     # Orbax's limit on the bytes read at once: one call restores one array, which must fit under it.
     limit_gb = max(1, math.ceil(largest / 1e9))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True, restore_concurrent_gb=limit_gb)
     with ocp.Checkpointer(handler) as ckptr:
-        for name, sharding in flatten(shardings):
+        for name, sharding in shardings.items():
             spec = abstract[name]
             target = unflatten([(name, jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding))])
             args = ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
             )
             ((_, array),) = flatten(ckptr.restore(path.absolute() / PARAMS_DIR, args=args))
-            placed.append((name, array))
+            yield name, array
             if progress is not None:
                 progress(spec.size * spec.dtype.itemsize)
-    return unflatten(placed)
+
+
+def _fused(arrays: Iterator[tuple[str, object]], cfg: Config, copies: int, shardings: dict) -> dict:
+    """The flat parameters of `cfg.model_layout(copies)` from (name, array) of the stored layout: each FUSED array
+    made on the devices (one jitted program, out_shardings its own) as soon as its last part arrives, and its parts
+    dropped; in the order of `fusing_order`, the devices hold at most one fused array's parts beyond the model."""
+    import jax
+
+    from glm4_jax.model import fuse
+
+    owner = {part: path for path, parts in FUSED.items() for part in parts}
+    out, pending = {}, {}
+    for name, array in arrays:
+        if name not in owner:
+            out[name] = array
+            continue
+        fused = owner[name]
+        pending[name] = array
+        parts = FUSED[fused]
+        if all(p in pending for p in parts):
+            make = jax.jit(lambda *xs, fused=fused: fuse(fused, xs, copies), out_shardings=shardings[fused])
+            out[fused] = jax.block_until_ready(make(*(pending.pop(p) for p in parts)))
+    return {name: out[name] for name in cfg.model_layout(copies)}
+
+
+def fusing_order(cfg: Config) -> list[str]:
+    """The stored arrays of `cfg` with the parts of each FUSED array next to each other (for `_fused`)."""
+    stored = list(cfg.stored_layout())
+    owner = {part: path for path, parts in FUSED.items() for part in parts}
+    order = []
+    for name in stored:
+        if name in order:
+            continue
+        order += [p for p in FUSED[owner[name]] if p in stored] if name in owner else [name]
+    return order
 
 
 def data_error(path: pathlib.Path, error: BaseException) -> CheckpointError:
@@ -708,29 +749,38 @@ def load(
                 f"{path}: the checkpoint is quantized already ({cfg.quant}); load it without quantize"
             )
         target = target.replace(quant=quantize, group_size=group_size)  # ConfigError for a bad scheme or group
-    abstract = abstract_model(target)
     if mesh is None:
+        copies = 1
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, expected_params(target))
+        layout = target.model_layout() | target.stored_layout()
+        shardings = {name: device for name in layout}
     else:
-        from glm4_jax.placement import param_shardings
+        from glm4_jax.placement import mesh_kv_copies
+        from glm4_jax.sharding.rules import named_sharding
 
-        shardings = param_shardings(abstract, mesh)
+        copies = mesh_kv_copies(target, mesh)
+        layout = target.model_layout(copies) | target.stored_layout()
+        shardings = {name: named_sharding(mesh, axes, shape, None, name) for name, (shape, axes, _) in layout.items()}
+    abstract = abstract_model(target, copies)
+    order = fusing_order(target)
+    stored_shardings = {name: shardings[name] for name in order}
     with _progress(progress, sum(a.size * a.dtype.itemsize for _, a in flatten(expected_params(target)))) as step:
         if quantize is None:
             try:
-                params = _restore(path, target, shardings, step)
+                params = _fused(_restore(path, target, stored_shardings, step), target, copies, shardings)
             except Exception as e:  # TensorStore's errors (a crc32c mismatch, a missing chunk) come wrapped by Orbax
                 raise data_error(path, e) from None
         else:
-            flat = dict(flatten(shardings))
-            placed = []
-            for name, host in _quantized_arrays(path, cfg, target):
-                sharding = flat[name]
-                placed.append((name, jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])))
-                step(host.nbytes)
-                del host
-            params = unflatten(placed)
+
+            def placed():
+                for name, host in _quantized_arrays(path, cfg, target):
+                    sharding = shardings[name]
+                    yield name, jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])
+                    step(host.nbytes)
+                    del host
+
+            params = _fused(placed(), target, copies, shardings)
+        params = unflatten(params.items())
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -50,6 +50,32 @@ QUANTIZED = {
     "lm_head": (0,),
 }
 
+# The model fuses matrices that read the same input into one (docs/DESIGN.md, "Fused projections"): q, k and v
+# into `qkv`, gate and up into `gate_up`, with their biases and scales. Checkpoints keep the parts (the stored
+# layout); the loader and the random initializers build the fused arrays (`Config.model_layout`). Each fused path
+# and its parts, in order.
+FUSED = {
+    "layers/qkv": ("layers/q", "layers/k", "layers/v"),
+    "layers/qkv_bias": ("layers/q_bias", "layers/k_bias", "layers/v_bias"),
+    "layers/qkv_scale": ("layers/q_scale", "layers/k_scale", "layers/v_scale"),
+    "layers/gate_up": ("layers/gate", "layers/up"),
+    "layers/gate_up_scale": ("layers/gate_scale", "layers/up_scale"),
+}
+# The quantized matrices of the model (QUANTIZED with the fused ones in place of their parts).
+MODEL_QUANTIZED = {
+    path: axes for path, axes in QUANTIZED.items() if path not in {p for parts in FUSED.values() for p in parts}
+} | {"layers/qkv": (1,), "layers/gate_up": (1,)}
+
+
+def kv_copies(num_kv_heads: int, tensor: int) -> int:
+    """The copies of each kv head in the fused `qkv` for a `tensor` mesh axis of this size: 1 when the axis
+    divides the kv heads, else tensor / kv heads (so that the kv groups split evenly over the axis; each device
+    then holds its query heads and one copy of their kv head)."""
+    if tensor <= num_kv_heads or tensor % num_kv_heads:
+        return 1
+    return tensor // num_kv_heads
+
+
 # The fields of the KV cache (glm4_jax.model.KVCache) and the logical axes of each.
 CACHE_AXES: dict[str, tuple[str, ...]] = {
     "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
@@ -222,6 +248,37 @@ class Config:
                 groups = tuple(n // self.group_size if i == last else n for i, n in enumerate(shape))
                 out[path] = (packed, axes, "uint8")
                 out[path + "_scale"] = (groups, axes, self.dtype)
+        return out
+
+    def model_layout(self, kv_copies: int = 1) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+        """The arrays the model holds: `stored_layout()` with the parts of each FUSED array replaced by it, at the
+        place of its first part. With G = N / K query heads per kv head and c = `kv_copies` (`kv_copies()`):
+          qkv [L, D, K*c, G/c + 2, H] (kv_groups, None, head_dim): kv group j holds query heads j*G/c .. of kv
+            head j // c, then a copy of that head's k, then of its v; its bias [L, K*c, G/c + 2, H] likewise;
+          gate_up [L, D, 2, F] (None, ffn): gate, then up.
+        Quantized values and scales fuse the same way along their output axes (the contracted ones are untouched,
+        so every int8 scale and every int4 group stays what it was)."""
+        stored = self.stored_layout()
+        K, c = self.num_kv_heads, kv_copies
+        if c < 1 or (self.num_heads // K) % c:
+            raise ConfigError(f"kv_copies {c} must divide the {self.num_heads // K} query heads of a kv head")
+        owner = {parts[0]: path for path, parts in FUSED.items()}
+        inner = {p for parts in FUSED.values() for p in parts[1:]}
+        out = {}
+        for path, (shape, axes, dtype) in stored.items():
+            if path in inner:
+                continue
+            if path not in owner:
+                out[path] = (shape, axes, dtype)
+                continue
+            fused = owner[path]
+            if fused.startswith("layers/qkv"):
+                G = self.num_heads // K
+                shape = (*shape[:-2], K * c, G // c + 2, shape[-1])
+                axes = (*axes[:-2], "kv_groups", None, axes[-1])
+            else:
+                shape, axes = (*shape[:-1], 2, shape[-1]), (*axes[:-1], None, axes[-1])
+            out[fused] = (shape, axes, dtype)
         return out
 
     def cache_layout(

@@ -2,7 +2,8 @@
 
 Einsum letters:
     B batch, T query length, S key length (cache slots), D model width (hidden_size), N query heads,
-    K kv heads, G query heads per kv head (N = K * G), H head dim, F ffn width, V vocabulary, L layers.
+    K kv heads, G query heads per kv head (N = K * G), H head dim, F ffn width, V vocabulary, L layers;
+    J kv groups of the fused qkv (K * c, with c copies of each kv head), P the parts of a fused matrix.
 
 Every parameter carries its logical axis names in the `axes` metadata of its `nnx.Param`; the sharding rules in
 `glm4_jax.sharding` map those names to mesh axes. The layers are stacked along a leading L axis and run under
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from glm4_jax import attention, kernels, qmatmul, ring
-from glm4_jax.config import CACHE_AXES, CACHE_SCALE_AXES, QUANTIZED, ROW_CACHE_AXES, Config
+from glm4_jax.config import CACHE_AXES, CACHE_SCALE_AXES, FUSED, MODEL_QUANTIZED, ROW_CACHE_AXES, Config
 from glm4_jax.paths import unflatten
 from glm4_jax.sharding.rules import HIDDEN_AXES, constrain
 
@@ -39,10 +40,10 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def _param(cfg: Config, path: str, rngs: nnx.Rngs, init: str = "normal") -> nnx.Param:
-    """The parameter at `path` of `Config.stored_layout` (shape, logical axes, dtype): normal(0.02) or ones; for
+def _param(cfg: Config, path: str, rngs: nnx.Rngs, init: str = "normal", kv_copies: int = 1) -> nnx.Param:
+    """The parameter at `path` of `Config.model_layout` (shape, logical axes, dtype): normal(0.02) or ones; for
     quantized weights (int8 / uint8 int4 pairs) random integers, and scales that give them a std of about 0.02."""
-    shape, axes, dtype = cfg.stored_layout()[path]
+    shape, axes, dtype = cfg.model_layout(kv_copies)[path]
     if dtype in ("int8", "uint8"):
         lo, hi = (-127, 128) if dtype == "int8" else (0, 256)
         value = jax.random.randint(rngs.params(), shape, lo, hi, jnp.int32).astype(dtype)
@@ -55,34 +56,85 @@ def _param(cfg: Config, path: str, rngs: nnx.Rngs, init: str = "normal") -> nnx.
 
 
 class Layers(nnx.Module):
-    """The weights of all decoder layers, stacked along a leading L axis."""
+    """The weights of all decoder layers, stacked along a leading L axis. q, k and v are one matrix, and gate and
+    up another (`Config.model_layout`; `fuse` and `split` convert from and to the parts a checkpoint stores)."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, kv_copies: int = 1):
         def p(name, init="normal"):
-            return _param(cfg, "layers/" + name, rngs, init)
+            return _param(cfg, "layers/" + name, rngs, init, kv_copies)
 
         self.attn_norm = p("attn_norm", "ones")
-        self.q = p("q")  # [L, D, N, H]
-        self.k = p("k")  # [L, D, K, H]
-        self.v = p("v")  # [L, D, K, H]
+        self.qkv = p("qkv")  # [L, D, J, G/c + 2, H]: J = K * c kv groups, each G/c query heads, its k and its v
         if cfg.attention_bias:
-            self.q_bias = p("q_bias")  # [L, N, H]
-            self.k_bias = p("k_bias")  # [L, K, H]
-            self.v_bias = p("v_bias")  # [L, K, H]
+            self.qkv_bias = p("qkv_bias")  # [L, J, G/c + 2, H]
         self.o = p("o")  # [L, N, H, D]
         if cfg.post_norms:  # GLM-4-0414: RMSNorm on the attention output, before the residual add
             self.post_attn_norm = p("post_attn_norm", "ones")
         self.mlp_norm = p("mlp_norm", "ones")
-        self.gate = p("gate")  # [L, D, F]
-        self.up = p("up")  # [L, D, F]
+        self.gate_up = p("gate_up")  # [L, D, 2, F]
         self.down = p("down")  # [L, F, D]
         if cfg.post_norms:  # and on the MLP output
             self.post_mlp_norm = p("post_mlp_norm", "ones")
         # With cfg.quant, the matrices above are stored quantized (int8, or uint8 int4 pairs; Config.stored_layout)
         # and each has its scales.
         if cfg.quant:
-            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            for name in ("qkv", "o", "gate_up", "down"):
                 setattr(self, f"{name}_scale", p(f"{name}_scale"))
+
+
+# ---- fused projections ------------------------------------------------------------------------------------------
+
+
+def fuse(path: str, parts, kv_copies: int = 1) -> Array:
+    """The FUSED array at `path` ("layers/qkv", "layers/gate_up", their biases and scales) from its parts, laid out
+    as `Config.model_layout(kv_copies)`. Parts and result have the fused axes last: the heads and head dim
+    ([..., N, H] and [..., K, H] -> [..., K*c, G/c + 2, H]), or the ffn ([..., F] -> [..., 2, F])."""
+    if not path.startswith("layers/qkv"):
+        return jnp.stack(parts, axis=-2)
+    q, k, v = parts
+    K = k.shape[-2]
+    c = kv_copies
+    q = q.reshape(*q.shape[:-2], K * c, q.shape[-2] // (K * c), q.shape[-1])
+    k, v = (jnp.repeat(x, c, axis=-2)[..., None, :] for x in (k, v))  # copy j of kv head h: group h * c + j
+    return jnp.concatenate([q, k, v], axis=-2)
+
+
+def split(path: str, fused: Array, num_kv_heads: int) -> tuple[Array, ...]:
+    """The parts of a fused array (weights, or the activations of a fused matmul, laid out alike): the inverse of
+    `fuse`, taking copy 0 of each kv head."""
+    if not path.startswith("layers/qkv"):
+        return fused[..., 0, :], fused[..., 1, :]
+    J, g = fused.shape[-3], fused.shape[-2] - 2
+    c = J // num_kv_heads
+    q = fused[..., :g, :].reshape(*fused.shape[:-3], J * g, fused.shape[-1])
+    return q, fused[..., ::c, g, :], fused[..., ::c, g + 1, :]
+
+
+def kv_copies_of(cfg: Config, params: dict) -> int:
+    """The kv copies of a parameter tree (nested dict) of the model."""
+    return params["layers"]["qkv"].shape[2] // cfg.num_kv_heads
+
+
+def fuse_params(cfg: Config, flat: dict, kv_copies: int = 1) -> dict:
+    """A flat {path: array} of `cfg.stored_layout()` as one of `cfg.model_layout(kv_copies)` (the parts fused)."""
+    out = {}
+    for path in cfg.model_layout(kv_copies):
+        parts = FUSED.get(path)
+        out[path] = flat[path] if parts is None else fuse(path, [flat[p] for p in parts], kv_copies)
+    return out
+
+
+def split_params(cfg: Config, flat: dict) -> dict:
+    """A flat {path: array} of the model's layout as one of `cfg.stored_layout()` (the inverse of `fuse_params`)."""
+    out = {}
+    for path, x in flat.items():
+        parts = FUSED.get(path)
+        out |= {path: x} if parts is None else dict(zip(parts, split(path, x, cfg.num_kv_heads), strict=True))
+    return {path: out[path] for path in cfg.stored_layout()}
+
+
+# The new keys and values of a layer [B, T, K, H], split like the hidden states and the cache's kv heads.
+KV_AXES = (HIDDEN_AXES[0], HIDDEN_AXES[1], "kv_heads", "head_dim")
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -190,12 +242,12 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 class GLM4(nnx.Module):
     """GLM-4 causal language model: embedding, `num_layers` pre-norm decoder layers, final norm, output layer."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, attention_impl: str = "auto"):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, attention_impl: str = "auto", kv_copies: int = 1):
         self.cfg = cfg
         # Static choice of attention kernel (see glm4_jax.attention.IMPLEMENTATIONS); may be set after construction.
         self.attention_impl = attention_impl
         self.embed = _param(cfg, "embed", rngs)  # [V, D]
-        self.layers = Layers(cfg, rngs=rngs)
+        self.layers = Layers(cfg, rngs=rngs, kv_copies=kv_copies)
         self.final_norm = _param(cfg, "final_norm", rngs, "ones")  # [D]
         self.lm_head = _param(cfg, "lm_head", rngs)  # [D, V]
         if cfg.quant:
@@ -271,9 +323,9 @@ def linear(cfg: Config, spec: str, x: Array, p: dict, name: str, out_dtype=None)
     """`jnp.einsum(spec, x, p[name])`, or with cfg.quant the matmul that reads the quantized matrix and its scales
     `p[name + "_scale"]` (glm4_jax/qmatmul.py). The contracted axes are x's last ones and the matrix's first ones."""
     path = name if name == "lm_head" else f"layers/{name}"
-    if not cfg.quant or path not in QUANTIZED:
+    if not cfg.quant or path not in MODEL_QUANTIZED:
         return jnp.einsum(spec, x, p[name], preferred_element_type=out_dtype)
-    n_in = len(QUANTIZED[path])
+    n_in = len(MODEL_QUANTIZED[path])
     w, scale = p[name], p[f"{name}_scale"]
     return qmatmul.linear(x, w, scale, n_in=n_in, quant=cfg.quant, group=cfg.group_size, out_dtype=out_dtype)
 
@@ -287,11 +339,13 @@ def _decoder_layer(
     (k, v, k_scale, v_scale) for an int8 cache, whose layer is dequantized for attention."""
     with jax.named_scope("attention"):
         x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-        q = linear(cfg, "BTD,DNH->BTNH", x, p, "q")
-        k = linear(cfg, "BTD,DKH->BTKH", x, p, "k")
-        v = linear(cfg, "BTD,DKH->BTKH", x, p, "v")
+        qkv = linear(cfg, "BTD,DJPH->BTJPH", x, p, "qkv")  # one matmul: q, k and v of every kv group
         if cfg.attention_bias:
-            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+            qkv = qkv + p["qkv_bias"]
+        q, k, v = split("layers/qkv", qkv, cfg.num_kv_heads)  # [B, T, N, H], [B, T, K, H] (copy 0 of each kv head)
+        # k and v sharded like the cache's kv heads (replicated when the tensor axis exceeds them, the kv copies then
+        # living on other devices): XLA gathers these few values, where it would otherwise all-reduce the cache.
+        k, v = (constrain(x, KV_AXES) for x in (k, v))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv is None:
@@ -323,8 +377,7 @@ def _decoder_layer(
         h = h + out
     with jax.named_scope("mlp"):
         x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-        gate = linear(cfg, "BTD,DF->BTF", x, p, "gate")
-        up = linear(cfg, "BTD,DF->BTF", x, p, "up")
+        gate, up = split("layers/gate_up", linear(cfg, "BTD,DPF->BTPF", x, p, "gate_up"), cfg.num_kv_heads)
         out = linear(cfg, "BTF,FD->BTD", jax.nn.silu(gate) * up, p, "down")
         if cfg.post_norms:
             out = rms_norm(out, p["post_mlp_norm"], cfg.rms_norm_eps)
@@ -336,13 +389,13 @@ def _decoder_layer(
 
 
 def init_model(cfg: Config, seed: int = 0) -> GLM4:
-    """A GLM4 with random weights (normal, std 0.02; norms at 1)."""
+    """A GLM4 with random weights (normal, std 0.02; norms at 1), one copy of each kv head."""
     return GLM4(cfg, rngs=nnx.Rngs(params=seed))
 
 
-def abstract_model(cfg: Config) -> GLM4:
+def abstract_model(cfg: Config, kv_copies: int = 1) -> GLM4:
     """A GLM4 whose parameters are `jax.ShapeDtypeStruct`s: shapes without allocating."""
-    return nnx.eval_shape(lambda: GLM4(cfg, rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: GLM4(cfg, rngs=nnx.Rngs(params=0), kv_copies=kv_copies))
 
 
 def param_axes(model: GLM4) -> dict:

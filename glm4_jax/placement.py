@@ -19,9 +19,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
-from glm4_jax.config import Config
-from glm4_jax.model import GLM4, KVCache, abstract_model, init_model, param_axes
-from glm4_jax.paths import flatten, map_with_path
+from glm4_jax.config import Config, kv_copies
+from glm4_jax.model import (
+    GLM4,
+    KVCache,
+    abstract_model,
+    fuse_params,
+    init_model,
+    kv_copies_of,
+    param_axes,
+    split_params,
+)
+from glm4_jax.paths import flatten, map_with_path, unflatten
 from glm4_jax.sharding.rules import LOGITS_AXES, TOKENS_AXES, Rules, named_sharding
 
 
@@ -72,29 +81,49 @@ def _with_shardings(shapes, shardings):
 
 def abstract_params(model_or_cfg: GLM4 | Config, mesh: Mesh | AbstractMesh, rules: Rules | None = None) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: the target of a sharded restore."""
-    model = abstract_model(model_or_cfg) if isinstance(model_or_cfg, Config) else model_or_cfg
+    if isinstance(model_or_cfg, Config):
+        model = abstract_model(model_or_cfg, mesh_kv_copies(model_or_cfg, mesh))
+    else:
+        model = model_or_cfg
     return _with_shardings(param_tree(model), param_shardings(model, mesh, rules))
 
 
 # ---- placing things on the mesh ---------------------------------------------------------------------------------
 
 
+def mesh_kv_copies(cfg: Config, mesh: Mesh | AbstractMesh) -> int:
+    """The copies of each kv head in the fused qkv on this mesh (`glm4_jax.config.kv_copies` of its tensor axis)."""
+    return kv_copies(cfg.num_kv_heads, dict(mesh.shape).get("tensor", 1))
+
+
+def regroup(cfg: Config, params: dict, copies: int) -> dict:
+    """A parameter tree (nested dict) with its qkv laid out for `copies` copies of each kv head (traceable)."""
+    if kv_copies_of(cfg, params) == copies:
+        return params
+    return unflatten(fuse_params(cfg, split_params(cfg, dict(flatten(params))), copies).items())
+
+
 def shard_model(model: GLM4, mesh: Mesh, rules: Rules | None = None) -> GLM4:
-    """Moves the parameters of `model` onto `mesh` following the rules, in place (`nnx.update`); returns it.
+    """Moves the parameters of `model` onto `mesh` following the rules, in place (`nnx.update`); returns it. The
+    fused qkv is regrouped first when the mesh needs another number of kv copies (`mesh_kv_copies`).
 
     The model must fit in one place first. For a checkpoint use `glm4_jax.load(path, mesh=mesh)`, for random
     weights `init_sharded_model`: neither ever holds a full copy.
     """
-    params = jax.device_put(param_tree(model), param_shardings(model, mesh, rules))
+    copies = mesh_kv_copies(model.cfg, mesh)
+    target = param_shardings(abstract_model(model.cfg, copies), mesh, rules)
+    params = jax.jit(lambda p: regroup(model.cfg, p, copies), out_shardings=target)(param_tree(model))
     nnx.update(model, params)
     return model
 
 
 def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | None = None) -> GLM4:
-    """`init_model(cfg, seed)` with every parameter created directly in its shards."""
-    abstract = abstract_model(cfg)
+    """`init_model(cfg, seed)` with every parameter created directly in its shards (the same weights, the qkv
+    regrouped for the mesh)."""
+    copies = mesh_kv_copies(cfg, mesh)
+    abstract = abstract_model(cfg, copies)
     shardings = param_shardings(abstract, mesh, rules)
-    params = jax.jit(lambda: param_tree(init_model(cfg, seed)), out_shardings=shardings)()
+    params = jax.jit(lambda: regroup(cfg, param_tree(init_model(cfg, seed)), copies), out_shardings=shardings)()
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, params)
 
@@ -102,7 +131,9 @@ def init_sharded_model(cfg: Config, mesh: Mesh, seed: int = 0, rules: Rules | No
 # Random weights, block by block: a [L, D, F] normal made in one program needs its float32 draw (2x the bf16
 # bytes) and the cast next to it, and the whole tree at once about 6x the weight bytes. Here each array is filled in
 # place by a loop over blocks of at most this many float32 bytes, so the peak is the weights plus one block.
-RANDOM_BLOCK_BYTES = 64 << 20
+# 32 MiB: with the fused gate_up (one [L, D, 2, F] array), 64 MiB blocks grew a 2-layer full-width bf16 model's
+# process by 1.609 GB for 1.084 GB of weights (the test's bound: 1.601 GB); 32 MiB blocks by 1.408 GB.
+RANDOM_BLOCK_BYTES = 32 << 20
 
 
 def _block_plan(shape: tuple[int, ...], max_bytes: int) -> tuple[int, tuple[int, ...]]:
@@ -164,11 +195,11 @@ def _random_kind(cfg: Config, path: str, dtype: str) -> str:
     return "normal"
 
 
-def _random_groups(cfg: Config, max_bytes: int) -> list[list[tuple[int, str, tuple, str, str]]]:
-    """The arrays of `cfg.stored_layout()` as (index, path, shape, dtype, kind), grouped into programs: an array
-    larger than one block alone, small ones together up to one block of float32."""
+def _random_groups(cfg: Config, max_bytes: int, copies: int = 1) -> list[list[tuple[int, str, tuple, str, str]]]:
+    """The arrays of `cfg.model_layout(copies)` as (index, path, shape, dtype, kind), grouped into programs: an
+    array larger than one block alone, small ones together up to one block of float32."""
     groups, small, small_bytes = [], [], 0
-    for n, (path, (shape, _, dtype)) in enumerate(cfg.stored_layout().items()):
+    for n, (path, (shape, _, dtype)) in enumerate(cfg.model_layout(copies).items()):
         item = (n, path, tuple(shape), dtype, _random_kind(cfg, path, dtype))
         size = 4 * math.prod(shape)
         if size > max_bytes:
@@ -190,22 +221,24 @@ def random_model(
     *,
     block_bytes: int = RANDOM_BLOCK_BYTES,
 ) -> GLM4:
-    """A GLM4 with random weights made where they live, in their stored dtype (`cfg.stored_layout()`: bf16, or the
+    """A GLM4 with random weights made where they live, in their stored dtype (`cfg.model_layout()`: bf16, or the
     int8 / int4 values and scales of `cfg.quant`), one large array at a time and each block by block, so that the
     peak memory is the weights plus a few blocks of `block_bytes` (the benchmarks' full-size random models).
 
     Same distributions as `init_model` (normal std 0.02, norms 1, uniform integers with scales giving std ~0.02),
-    not the same values. `mesh` None: the first device. Each array is created directly in its shards.
+    not the same values. `mesh` None: the first device. Each array is created directly in its shards, the fused
+    ones too: the kv copies of a qkv regrouped for a tensor axis (`mesh_kv_copies`) are drawn apart, and the model
+    reads copy 0 of each kv head (`glm4_jax.model.split`), so its output is well defined all the same.
     """
-    from glm4_jax.paths import unflatten
     from glm4_jax.sharding import make_mesh
 
     mesh = mesh if mesh is not None else make_mesh(None, devices=jax.devices()[:1])
-    abstract = abstract_model(cfg)
+    copies = mesh_kv_copies(cfg, mesh)
+    abstract = abstract_model(cfg, copies)
     shardings = dict(flatten(param_shardings(abstract, mesh, rules)))
     key = jax.random.key(seed)
     params = {}
-    for group in _random_groups(cfg, block_bytes):
+    for group in _random_groups(cfg, block_bytes, copies):
         specs = tuple((shape, dtype, kind) for _, _, shape, dtype, kind in group)
         fill = _random_filler(specs, tuple(shardings[item[1]] for item in group), block_bytes)
         arrays = fill(tuple(jax.random.fold_in(key, item[0]) for item in group))

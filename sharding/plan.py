@@ -3,7 +3,7 @@
     python -m glm4_jax.sharding.plan --preset glm-4-9b-chat-1m --mesh sequence=8 --batch 1 --max-len 1048576 \\
         --device h100 [--json]
 
-The bytes come from the rules the real run uses: each array of `Config.param_layout()` and `Config.cache_layout()`
+The bytes come from the rules the real run uses: each array of `Config.model_layout()` and `Config.cache_layout()`
 gets its `NamedSharding` on an `AbstractMesh` (`named_sharding`, as `glm4_jax.placement` does for a real model),
 then `NamedSharding.shard_shape`, so the planner and a sharded model agree array by array. No device is needed:
 a 16-device plan runs on a laptop.
@@ -35,6 +35,7 @@ from glm4_jax.config import (
     QUANT_SCHEMES,
     Config,
     ConfigError,
+    kv_copies,
     np_dtype,
     preset,
 )
@@ -215,7 +216,8 @@ def plan_memory(
     _check_settings(device, headroom)
 
     arrays = []
-    for path, (shape, axes, dtype) in sorted(cfg.stored_layout().items()):
+    copies = kv_copies(cfg.num_kv_heads, sizes.get("tensor", 1))  # the fused qkv as the model holds it on this mesh
+    for path, (shape, axes, dtype) in sorted(cfg.model_layout(copies).items()):
         sharding = named_sharding(mesh, axes, shape, rules, path)
         arrays.append(_array_plan("weights", path, shape, np_dtype(dtype), sharding, sizes))
     for field, (shape, axes, dtype) in cfg.cache_layout(batch, max_len, cache_dtype).items():

@@ -43,6 +43,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "embed": ("fsdp",),  # the model dim D of every matrix (FSDP / ZeRO-3 style)
     "q_heads": ("tensor",),  # q, o, q_bias
     "kv_heads": ("tensor?",),  # k, v, k_bias, v_bias and the cache: 2 or 4 heads, replicated when tensor > heads
+    # the kv groups of the fused qkv (its query heads and a copy of their kv head; Config.model_layout): as many
+    # as the tensor axis needs (config.kv_copies), so they always divide it
+    "kv_groups": ("tensor",),
     "ffn": ("tensor",),  # gate, up, down
     "head_dim": (),
     "layers": (),  # the scan axis
@@ -65,6 +68,7 @@ LETTERS = {
     "norm": "D",
     "q_heads": "N",
     "kv_heads": "K",
+    "kv_groups": "J",
     "head_dim": "H",
     "ffn": "F",
     "vocab": "V",

@@ -36,7 +36,8 @@ from helpers_hf import (  # noqa: E402
 from glm4_jax import checkpoint  # noqa: E402
 from glm4_jax.convert import table  # noqa: E402
 from glm4_jax.convert.__main__ import main  # noqa: E402
-from glm4_jax.paths import flatten  # noqa: E402
+from glm4_jax.model import split_params  # noqa: E402
+from glm4_jax.paths import flatten, unflatten  # noqa: E402
 
 T = 320  # prompt length: long enough that a partial-RoPE mistake shows
 
@@ -109,7 +110,9 @@ def test_parameter_layout(hf_model, tmp_path):
     """The tree contract of docs/DESIGN.md, tensor by tensor, against the transformers weights."""
     save_thudm(hf_model, tmp_path / "src", shards=2)
     convert(tmp_path / "src", tmp_path / "dst", "--dtype", "float32")
-    p = nnx.to_pure_dict(nnx.state(checkpoint.load(tmp_path / "dst"), nnx.Param))
+    model = checkpoint.load(tmp_path / "dst")
+    # the stored tree: the loaded model's fused q/k/v and gate/up split back into their parts
+    p = unflatten(split_params(model.cfg, dict(flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))).items())
     sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     c = hf_model.config
     D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -327,7 +330,7 @@ def test_load_onto_mesh(hf_model, tokens, ref_logits, tmp_path):
     convert(tmp_path / "src", tmp_path / "dst", "--dtype", "float32")
     mesh = make_mesh("data=1,fsdp=2,tensor=2,sequence=2")
     model = checkpoint.load(tmp_path / "dst", mesh=mesh)
-    q = model.layers.q[...]
+    q = model.layers.qkv[...]
     assert len(q.sharding.device_set) > 1
     got = our_logits(tmp_path / "dst", tokens, mesh=mesh)
     print(f"mesh: max |logits - transformers| = {np.abs(got - ref_logits).max():.2e}")

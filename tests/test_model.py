@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import sharpen
 
 from glm4_jax.config import Config, ConfigError, preset
 from glm4_jax.fixtures import GQA6
@@ -19,11 +20,7 @@ def _ids(batch, length, seed=0, vocab=TINY.vocab_size):
 @pytest.fixture(scope="module")
 def tiny_model():
     # std 0.02 leaves logits nearly flat; larger weights make every position matter in the comparisons.
-    model = init_model(TINY, seed=1)
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):
-        w = getattr(model.layers, name)
-        w[...] = w[...] * 10.0
-    return model
+    return sharpen(init_model(TINY, seed=1), 10.0)
 
 
 def test_cached_decode_equals_full_forward(tiny_model):
@@ -92,7 +89,7 @@ def test_full_size_parameter_count_without_allocating():
     chat = abstract_model(preset("glm-4-9b-chat"))
     assert param_count(chat) == 9_399_951_360
     assert len(jax.live_arrays()) == before  # eval_shape allocated nothing
-    assert chat.layers.q.get_value().dtype == jnp.bfloat16
+    assert chat.layers.qkv.get_value().dtype == jnp.bfloat16
     # The 1M model differs only by its 2 extra kv heads: 2 * (K + V) * 128 * (4096 + 1) * 40 more parameters.
     assert param_count(abstract_model(preset("glm-4-9b-chat-1m"))) == 9_399_951_360 + 2 * 2 * 128 * 4097 * 40
 
@@ -104,14 +101,16 @@ def test_every_parameter_has_axes_of_its_rank():
     axes = param_axes(model)
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    assert len(flat_shapes) == 15  # embed, final_norm, lm_head and 12 stacked layer tensors
+    assert len(flat_shapes) == 10  # embed, final_norm, lm_head and 7 stacked layer tensors (q/k/v, gate/up fused)
     for path, leaf in flat_shapes:
         node = axes
         for key in path:
             node = node[key.key]
         assert len(node) == len(leaf.shape), (path, node, leaf.shape)
-    assert model.layers.q.get_value().shape == (3, 48, 6, 16)
-    assert axes["layers"]["k"] == ("layers", "embed", "kv_heads", "head_dim")
+    # 6 query heads over 2 kv heads: 2 kv groups of 3 query heads, a k and a v
+    assert model.layers.qkv.get_value().shape == (3, 48, 2, 5, 16)
+    assert axes["layers"]["qkv"] == ("layers", "embed", "kv_groups", None, "head_dim")
+    assert axes["layers"]["gate_up"] == ("layers", "embed", None, "ffn")
 
 
 CHATGLM = {

@@ -102,5 +102,5 @@ def test_greedy_ids_with_ring_attention_on_a_mesh_match_transformers(pair):
     result = gen.generate(
         [tokens[0].tolist()], max_new_tokens=NEW_TOKENS, sampling=SamplingParams(temperature=0.0), stop_ids=()
     )
-    assert sharded.layers.q.get_value().sharding.spec[2] == "tensor"
+    assert sharded.layers.qkv.get_value().sharding.spec[2] == "tensor"
     assert result.ids[0] == _hf_greedy(hf, tokens, model.cfg.pad_token_id)

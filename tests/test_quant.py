@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from glm4_jax import checkpoint, qmatmul, quant
-from glm4_jax.config import QUANTIZED, Config, ConfigError
+from glm4_jax.config import MODEL_QUANTIZED, QUANTIZED, Config, ConfigError
 from glm4_jax.fixtures import GQA6, SHARDABLE, WIDE, build_demo_checkpoint
 from glm4_jax.model import init_model
 from glm4_jax.paths import flatten
@@ -314,7 +314,7 @@ def dense_ckpt(tmp_path_factory):
 def test_quantized_model_against_dense_and_numpy(dense_ckpt, scheme, group, tol):
     path, dense = dense_ckpt
     model = checkpoint.load(path, quantize=scheme, group_size=group)
-    assert model.cfg.quant == scheme and model.layers.q[...].dtype == (jnp.int8 if scheme == "int8" else jnp.uint8)
+    assert model.cfg.quant == scheme and model.layers.qkv[...].dtype == (jnp.int8 if scheme == "int8" else jnp.uint8)
     tok, pos = _tokens(GQA6)
     ref, _ = dense(tok, pos)
     out, _ = model(tok, pos)
@@ -325,7 +325,7 @@ def test_quantized_model_against_dense_and_numpy(dense_ckpt, scheme, group, tol)
     params = dict(flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     deq = {}
     for name, arr in flatten(nnx.to_pure_dict(nnx.state(dense, nnx.Param))):
-        c = QUANTIZED.get(name)
+        c = MODEL_QUANTIZED.get(name)  # the model's tree: qkv and gate_up fused
         deq[name] = (
             arr
             if c is None
@@ -434,7 +434,7 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devi
 @pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 8)])
 @pytest.mark.parametrize("mesh_spec", ["tensor=8", "fsdp=8", "data=2,fsdp=2,tensor=2"])
 def test_sharded_quantized_model_equals_one_device(tmp_path_factory, scheme, group, mesh_spec):
-    from glm4_jax.placement import jit_forward, param_tree
+    from glm4_jax.placement import jit_forward, mesh_kv_copies, param_tree
     from glm4_jax.sharding import make_mesh
 
     path = tmp_path_factory.mktemp("qs") / "dense"
@@ -443,14 +443,14 @@ def test_sharded_quantized_model_equals_one_device(tmp_path_factory, scheme, gro
     mesh = make_mesh(mesh_spec)
     sharded = checkpoint.load(path, mesh=mesh, quantize=scheme, group_size=group)
     # Every scale is split like its matrix along the logical axes they share.
-    layout = sharded.cfg.stored_layout()
+    layout = sharded.cfg.model_layout(mesh_kv_copies(sharded.cfg, mesh))
     params = dict(flatten(param_tree(sharded)))
-    for name in QUANTIZED:
+    for name in MODEL_QUANTIZED:
         (_, m_axes, _), (_, s_axes, _) = layout[name], layout[name + "_scale"]
         m_spec = dict(zip(m_axes, tuple(params[name].sharding.spec) + (None,) * 4, strict=False))
         s_spec = dict(zip(s_axes, tuple(params[name + "_scale"].sharding.spec) + (None,) * 4, strict=False))
         assert all(s_spec[a] == m_spec[a] for a in s_axes), (name, m_spec, s_spec)
-    scales = [params[name + "_scale"] for name in QUANTIZED]
+    scales = [params[name + "_scale"] for name in MODEL_QUANTIZED]
     assert any(x.sharding.shard_shape(x.shape) != x.shape for x in scales)  # and some are split
     tok, pos = _tokens(SHARDABLE, B=2, T=16)
     ref, _ = one(tok, pos)

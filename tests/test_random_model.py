@@ -19,7 +19,7 @@ from glm4_jax.sharding import make_mesh
 
 def layer_bytes(cfg) -> int:
     """Bytes of one decoder layer (the stacked layers' arrays divided by L)."""
-    layout = cfg.stored_layout()
+    layout = cfg.model_layout()
     total = sum(math.prod(s) * np_dtype(d).itemsize for p, (s, _, d) in layout.items() if p.startswith("layers/"))
     return total // cfg.num_layers
 
@@ -34,11 +34,11 @@ def test_block_plan_covers_the_array_in_blocks_under_the_limit():
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
-def test_random_model_has_the_stored_layout_and_distributions(quant):
+def test_random_model_has_the_model_layout_and_distributions(quant):
     cfg = TINY.replace(quant=quant, group_size=32)
     # blocks of 16 KiB, so every matrix is made by the loop
     tree = dict(flatten(param_tree(random_model(cfg, seed=3, block_bytes=16 << 10))))
-    for path, (shape, _, dtype) in cfg.stored_layout().items():
+    for path, (shape, _, dtype) in cfg.model_layout().items():
         x = tree[path]
         assert x.shape == shape and x.dtype == np_dtype(dtype), path
         v = np.asarray(x.astype(jnp.float32) if dtype not in ("int8", "uint8") else x, np.float64)
@@ -52,7 +52,7 @@ def test_random_model_has_the_stored_layout_and_distributions(quant):
             tol = max(1e-3, 5 * 0.02 / math.sqrt(v.size))  # five standard errors
             assert abs(v.std() - 0.02) < tol and abs(v.mean()) < tol, path
     # blocks differ (each is drawn from its own key), and another seed gives other values
-    q = np.asarray(tree["layers/q"])
+    q = np.asarray(tree["layers/qkv"])
     assert not np.array_equal(q[0], q[1])
     again = dict(flatten(param_tree(random_model(cfg, seed=4, block_bytes=16 << 10))))
     assert not np.array_equal(np.asarray(again["embed"]), np.asarray(tree["embed"]))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
-from tiny import ATOL, RTOL, assert_close_visible, left_pad_positions, random_qkv
+from tiny import ATOL, RTOL, assert_close_visible, left_pad_positions, random_qkv, sharpen
 
 from glm4_jax import attention, kernels, ring
 from glm4_jax.fixtures import SHARDABLE
@@ -209,11 +209,7 @@ TINY = SHARDABLE.replace(vocab_size=128, rope_theta=10000.0, max_seq_len=4096)
 
 
 def _tiny_model():
-    model = init_model(TINY, seed=1)
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):  # larger weights: every position matters
-        w = getattr(model.layers, name)
-        w[...] = w[...] * 10.0
-    return model
+    return sharpen(init_model(TINY, seed=1), 10.0)  # larger weights: every position matters
 
 
 def test_model_ring_forward_and_cached_decode_equal_single_device():

@@ -184,12 +184,11 @@ EXPECTED_SPECS = {
         "lm_head": P(None, "tensor"),
         "final_norm": P(None),
         "layers/attn_norm": P(None, None),
-        "layers/q": P(None, None, "tensor", None),
-        "layers/q_bias": P(None, "tensor", None),
-        "layers/k": P(None, None, None, None),  # 2 kv heads: replicated over tensor=8
-        "layers/k_bias": P(None, None, None),
+        # 2 kv heads, 4 copies each: 8 kv groups of 1 query head, its k and its v, one group per device
+        "layers/qkv": P(None, None, "tensor", None, None),
+        "layers/qkv_bias": P(None, "tensor", None, None),
         "layers/o": P(None, "tensor", None, None),
-        "layers/gate": P(None, None, "tensor"),
+        "layers/gate_up": P(None, None, None, "tensor"),
         "layers/down": P(None, "tensor", None),
         "cache/k": P(None, None, None, None, None),
         "cache/pos": P(None, None),
@@ -197,10 +196,9 @@ EXPECTED_SPECS = {
     "fsdp=8": {
         "embed": P(None, "fsdp"),
         "lm_head": P("fsdp", None),
-        "layers/q": P(None, "fsdp", None, None),
-        "layers/k": P(None, "fsdp", None, None),
+        "layers/qkv": P(None, "fsdp", None, None, None),
         "layers/o": P(None, None, None, "fsdp"),
-        "layers/gate": P(None, "fsdp", None),
+        "layers/gate_up": P(None, "fsdp", None, None),
         "layers/down": P(None, None, "fsdp"),
         "layers/mlp_norm": P(None, None),
         "cache/k": P(None, None, None, None, None),  # batch 2 < fsdp 8: replicated
@@ -208,18 +206,17 @@ EXPECTED_SPECS = {
     "data=2,fsdp=2,tensor=2": {
         "embed": P("tensor", "fsdp"),
         "lm_head": P("fsdp", "tensor"),
-        "layers/q": P(None, "fsdp", "tensor", None),
-        "layers/k": P(None, "fsdp", "tensor", None),
-        "layers/v_bias": P(None, "tensor", None),
+        "layers/qkv": P(None, "fsdp", "tensor", None, None),
+        "layers/qkv_bias": P(None, "tensor", None, None),
         "layers/o": P(None, "tensor", None, "fsdp"),
-        "layers/up": P(None, "fsdp", "tensor"),
+        "layers/gate_up": P(None, "fsdp", None, "tensor"),
         "layers/down": P(None, "tensor", "fsdp"),
         "cache/k": P(None, "data", None, "tensor", None),  # batch 2: data, not data x fsdp
         "cache/pos": P("data", None),
     },
     "sequence=4,tensor=2": {
         "embed": P("tensor", None),
-        "layers/k": P(None, None, "tensor", None),
+        "layers/qkv": P(None, None, "tensor", None, None),
         "cache/k": P(None, None, "sequence", "tensor", None),
         "cache/v": P(None, None, "sequence", "tensor", None),
         "cache/pos": P(None, "sequence"),
@@ -227,13 +224,13 @@ EXPECTED_SPECS = {
     },
     "data=2,sequence=4": {
         "embed": P(None, None),
-        "layers/q": P(None, None, None, None),
+        "layers/qkv": P(None, None, None, None, None),
         "cache/k": P(None, "data", "sequence", None, None),
         "cache/pos": P("data", "sequence"),
     },
 }
 
-BIG_AXES = {"vocab", "embed", "q_heads", "ffn"}  # never silently replicated
+BIG_AXES = {"vocab", "embed", "q_heads", "kv_groups", "ffn"}  # never silently replicated
 
 
 def _flat(tree, prefix=""):
@@ -272,6 +269,9 @@ def test_parameter_and_cache_placement(spec):
         spec = _norm(x.sharding.spec, x.ndim)
         for dim, size, entry, logical in zip(x.shape, shard, spec, axes[name], strict=True):
             names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            if logical is None:  # the parts of a fused matrix: never split
+                assert names == (), name
+                continue
             # A dim is split only over mesh axes its rule names, and exactly by their product.
             assert set(names) <= {r.rstrip("?") for r in RULES[logical]}, (name, logical, names)
             assert size * math.prod(sizes[a] for a in names) == dim, (name, logical)
@@ -296,9 +296,9 @@ def test_init_sharded_model_matches_init_model():
 def test_abstract_params_and_cache_shardings():
     mesh = abstract_mesh("tensor=2,sequence=4")
     tree = abstract_params(CFG, mesh)
-    q = tree["layers"]["q"]
-    assert isinstance(q, jax.ShapeDtypeStruct) and q.shape == (2, 64, 8, 16)
-    assert q.sharding.spec == P(None, None, "tensor", None)
+    qkv = tree["layers"]["qkv"]  # tensor=2 divides the 2 kv heads: one copy each, 4 query heads per group
+    assert isinstance(qkv, jax.ShapeDtypeStruct) and qkv.shape == (2, 64, 2, 6, 16)
+    assert qkv.sharding.spec == P(None, None, "tensor", None, None)
     cache = cache_shardings(CFG, mesh, batch=1, max_len=32)
     assert isinstance(cache, KVCache)
     assert cache.k.spec == P(None, None, "sequence", "tensor", None)

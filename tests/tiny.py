@@ -37,7 +37,7 @@ def assert_close_visible(out, ref, q_pos, k_pos, what):
 def sharpen(model, factor=10.0):
     """Scales every layer matrix by `factor`, in place: std-0.02 weights give nearly flat logits; larger ones make
     every position matter (generation and batching tests)."""
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+    for name in ("qkv", "o", "gate_up", "down"):
         w = getattr(model.layers, name)
         w[...] = w[...] * factor
     return model

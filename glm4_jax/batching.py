@@ -278,6 +278,7 @@ class Engine:
         mesh: jax.sharding.Mesh | None = None,
         pipeline: bool = True,
         kv_cache: str | None = None,
+        cpu_layout: bool | None = None,
     ):
         """
         Args:
@@ -291,6 +292,7 @@ class Engine:
             the device's; a request's end is seen one step late).
           kv_cache: the KV cache dtype (glm4_jax.config.KV_CACHE_DTYPES), as `Generator`'s; "int8" halves its memory.
             Default: the model's dtype.
+          cpu_layout: as `Generator`'s (default: on one CPU device, the layers apart and float32 matrices).
         """
         self.gen = Generator(
             model,
@@ -298,6 +300,7 @@ class Engine:
             prefill_chunk=prefill_chunk,
             mesh=mesh,
             kv_cache=kv_cache,
+            cpu_layout=cpu_layout,
         )
         self.cfg = self.gen.cfg
         self.slots = int(slots)

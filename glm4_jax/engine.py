@@ -24,6 +24,10 @@ How a batch is generated (`Generator`):
    shardings and static settings, and shared by every Generator; timings (`GenerationResult`) leave it out and
    report it apart (`compile_s`).
 
+On one CPU device the Generator runs from its own layout of the parameters (`cpu_params`: the layers held apart,
+bf16 matrices in float32, converted once), so that the per-token step costs what a step of the while-loop costs and
+neither holds a copy of the weights in its temp memory (docs/DESIGN.md, BENCHMARKS.md).
+
 Why streaming uses the Python loop rather than `jax.debug.callback`/`io_callback` inside the compiled loop:
 streaming needs a device-to-host transfer per token either way; a callback would tie host I/O (and the UTF-8
 holding-back of the stream decoder) into the compiled program, runs once per device (or needs ordering effects)
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm4_jax.config import Config
+from glm4_jax.config import MODEL_QUANTIZED, Config
 from glm4_jax.model import GLM4, KVCache
 from glm4_jax.options import (  # noqa: F401  (re-exported: jax-free, so that the CLI reads them before JAX starts)
     CACHE_ROUND,
@@ -259,6 +263,42 @@ class GenerationResult:
 
 # ---- the generator ---------------------------------------------------------------------------------------------
 
+
+def cpu_params(model: GLM4) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of `model` laid out for a CPU device, made once: the layers held apart (each stacked
+    [L, ...] parameter as a tuple of its L arrays, which the model then runs unrolled: `glm4_jax.model.over_layers`),
+    the bf16 (or float16) matrices (MODEL_QUANTIZED's paths, the output layer included) converted to float32, `o` as
+    [N * H, D], and a bf16 embedding as its 16-bit patterns (`glm4_jax.model.embed_rows`). Norms, biases and
+    quantized matrices keep their dtype, and so do the activations: a matmul reads bf16 inputs and a float32 matrix
+    and rounds its product to bf16.
+
+    Why: XLA's CPU matmuls compute bf16 in float32, converting the matrix at every call; they copy a layer's slice
+    out of a stacked array before reading it, and `o` transposed to the attention output's order; its gather
+    converts a bf16 table to float32. The compiled while-loop hoisted those conversions (a float32 copy of every
+    weight in its temp memory) and a per-token step redid all of it at every token, into a fresh buffer. Here none
+    happens. The state does not refer to the model's converted or stacked arrays: a caller that drops the model
+    keeps the float32 matrices only (twice their bf16 bytes)."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state, copy=True)  # new Variables sharing the arrays: the model is not changed
+    for path, _ in nnx.to_flat_state(nnx.state(copy, nnx.Param)):
+        *parents, name = (str(k) for k in path)
+        var = getattr(functools.reduce(getattr, parents, copy), name)
+        value = var.get_value()
+        key = "/".join((*parents, name))
+        half = value.dtype.itemsize == 2 and jnp.issubdtype(value.dtype, jnp.floating)
+        if key in MODEL_QUANTIZED and half:
+            value = value.astype(jnp.float32)
+        elif key == "embed" and half and value.dtype == jnp.dtype(model.cfg.dtype):  # gathered as integers
+            value = jax.lax.bitcast_convert_type(value, jnp.uint16)
+        if parents[:1] == ["layers"]:
+            value = tuple(value[i] for i in range(value.shape[0]))
+            n_in = len(MODEL_QUANTIZED.get(key, ()))
+            if n_in > 1 and jnp.issubdtype(value[0].dtype, jnp.floating):  # o [N, H, D] as [N * H, D]
+                value = tuple(v.reshape(-1, *v.shape[n_in:]) for v in value)
+        var.set_value(value)
+    return nnx.split(copy)
+
+
 _COMPILED: dict = {}  # (function, static settings, graphdef, parameter avals, argument avals) -> compiled executable
 
 
@@ -283,6 +323,7 @@ class Generator:
         mesh: jax.sharding.Mesh | None = None,
         bucket: bool = True,
         kv_cache: str | None = None,
+        cpu_layout: bool | None = None,
     ):
         """
         Args:
@@ -293,11 +334,17 @@ class Generator:
           bucket: pad the prompt length to a bucket (False: feed its exact length; for tests).
           kv_cache: the KV cache dtype (glm4_jax.config.KV_CACHE_DTYPES); "int8" halves its memory. Default: the
             model's dtype.
+          cpu_layout: run from `cpu_params(model)` (the layers held apart, bf16 matrices converted to float32
+            once). Default: when the model is on one CPU device and there is no mesh. False: the model's arrays.
         """
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.cfg: Config = model.cfg
-        self.graphdef, self.state = nnx.split(model)
+        if cpu_layout is None:
+            devices = {d for x in jax.tree.leaves(nnx.state(model)) for d in x.devices()}
+            cpu_layout = mesh is None and len(devices) == 1 and devices.pop().platform == "cpu"
+        self.cpu_layout = bool(cpu_layout)
+        self.graphdef, self.state = cpu_params(model) if self.cpu_layout else nnx.split(model)
         self.dtype = model.embed[...].dtype
         self.cache_dtype = self.dtype if kv_cache is None else jnp.dtype(self.cfg.cache_layout(1, 1, kv_cache)["k"][2])
         self.n_vocab = int(n_vocab) if n_vocab is not None else default_n_vocab(self.cfg)

@@ -282,7 +282,7 @@ class GLM4(nnx.Module):
         zigzag = cache is None and n_ring > 1 and impl in ("auto", "ring")
         if zigzag:
             tokens, positions = ring.to_zigzag(tokens, n_ring), ring.to_zigzag(positions, n_ring, fill=-1)
-        h = constrain(jnp.take(self.embed[...], tokens, axis=0), HIDDEN_AXES)  # [B, T, D]
+        h = constrain(embed_rows(self.embed[...], tokens, cfg.dtype), HIDDEN_AXES)  # [B, T, D]
         cos, sin = rope_tables(positions, cfg)
         layer_params = nnx.to_pure_dict(nnx.state(self.layers))
 
@@ -292,7 +292,7 @@ class GLM4(nnx.Module):
                 h, _ = _decoder_layer(cfg, impl, p, h, positions, cos, sin, kv=None, zigzag=zigzag)
                 return constrain(h, HIDDEN_AXES), None
 
-            h, _ = jax.lax.scan(step, h, layer_params)
+            h = over_layers(step, h, layer_params)
         else:
             start = cache.end  # [] or [B]
             k_pos = kernels.write_rows(cache.pos, positions, start)  # [B, S]
@@ -303,7 +303,7 @@ class GLM4(nnx.Module):
                 return (constrain(h, HIDDEN_AXES), arrays, i + 1), None
 
             arrays = (cache.k, cache.v) if cache.k_scale is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
-            (h, arrays, _), _ = jax.lax.scan(step, (h, arrays, jnp.zeros((), jnp.int32)), layer_params)
+            h, arrays, _ = over_layers(step, (h, arrays, jnp.zeros((), jnp.int32)), layer_params)
             cache = KVCache(*arrays[:2], pos=k_pos, end=start + tokens.shape[1], k_scale=None, v_scale=None)
             if len(arrays) == 4:
                 cache.k_scale, cache.v_scale = arrays[2:]
@@ -319,12 +319,39 @@ class GLM4(nnx.Module):
         return out, cache
 
 
+def embed_rows(table: Array, tokens: Array, dtype) -> Array:
+    """`jnp.take(table, tokens, axis=0)` in `dtype`. The CPU layout (glm4_jax.engine.cpu_params) holds a bf16 table
+    as its 16-bit patterns, gathered as integers: XLA's CPU gather of bf16 converts the whole table to float32,
+    which a compiled loop hoists (a float32 copy of the table in its temp memory)."""
+    rows = jnp.take(table, tokens, axis=0)
+    return jax.lax.bitcast_convert_type(rows, dtype) if table.dtype == jnp.uint16 else rows
+
+
+def over_layers(step, carry, layer_params: dict):
+    """`jax.lax.scan(step, carry, layer_params)`'s final carry. With the layers held apart (each parameter a tuple
+    of its L per-layer arrays: the Generator's layout on a CPU device, glm4_jax.engine.cpu_params) the layers are
+    unrolled instead, so that each matmul reads its own layer's array in place: XLA's CPU matmuls copy a slice of
+    a stacked array first, 0.75x the model's bytes of copies at every call."""
+    first = next(iter(layer_params.values()))
+    if not isinstance(first, tuple):
+        return jax.lax.scan(step, carry, layer_params)[0]
+    for i in range(len(first)):
+        carry, _ = step(carry, {name: value[i] for name, value in layer_params.items()})
+    return carry
+
+
 def linear(cfg: Config, spec: str, x: Array, p: dict, name: str, out_dtype=None) -> Array:
     """`jnp.einsum(spec, x, p[name])`, or with cfg.quant the matmul that reads the quantized matrix and its scales
     `p[name + "_scale"]` (glm4_jax/qmatmul.py). The contracted axes are x's last ones and the matrix's first ones."""
     path = name if name == "lm_head" else f"layers/{name}"
-    if not cfg.quant or path not in MODEL_QUANTIZED:
-        return jnp.einsum(spec, x, p[name], preferred_element_type=out_dtype)
+    if not cfg.quant or path not in MODEL_QUANTIZED:  # (a float32 matrix with bf16 x, on CPU: the product cast back)
+        w = p[name]
+        lhs, rhs, out = spec.replace("->", ",").split(",")
+        merged = len(rhs) - w.ndim  # the CPU layout stores o as [N * H, D] (glm4_jax.engine.cpu_params)
+        if merged > 0:
+            x = x.reshape(*x.shape[: x.ndim - merged - 1], -1)
+            spec = f"{lhs[: -merged - 1]}X,X{rhs[merged + 1 :]}->{out}"
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
     n_in = len(MODEL_QUANTIZED[path])
     w, scale = p[name], p[f"{name}_scale"]
     return qmatmul.linear(x, w, scale, n_in=n_in, quant=cfg.quant, group=cfg.group_size, out_dtype=out_dtype)

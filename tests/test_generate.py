@@ -707,3 +707,55 @@ def test_cli_broken_pipe_ends_quietly(demo_ckpt):
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.stdout.strip() == "status 141", (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+# ---- the CPU layout (glm4_jax.engine.cpu_params) -------------------------------------------------------------------
+
+
+def test_cpu_layout_same_arithmetic_as_the_models_arrays_and_no_weight_copy_in_the_loop():
+    """On one CPU device a Generator runs from its own layout of a bf16 model: the layers held apart, the
+    matrices float32 (converted once), the embedding as bit patterns, activations bf16. The caller's model is
+    unchanged; the logits are those of the model's own arrays up to bf16 rounding, the ids the same on the loop
+    and the streaming paths (greedy and sampled); and neither the compiled loop nor the step holds a copy of the
+    weights in temp memory, which the loop on the model's arrays does (XLA hoists a float32 copy)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glm4_jax.engine import _COMPILED, _prefill_chunk
+    from glm4_jax.model import KVCache
+
+    cfg = TINY.replace(dtype="bfloat16", vocab_size=4096)  # the embedding is most of the bytes
+    m = init_model(cfg, seed=3)
+    before = {k: (v.dtype, v.shape) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(m))}
+    fast, plain = Generator(m, prefill_chunk=16), Generator(m, prefill_chunk=16, cpu_layout=False)
+    assert fast.cpu_layout and not plain.cpu_layout
+    assert {k: (v.dtype, v.shape) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(m))} == before
+    dtypes = {jax.tree_util.keystr(k): str(v.dtype) for k, v in jax.tree_util.tree_leaves_with_path(fast.state)}
+    assert {d for k, d in dtypes.items() if "'gate'" in k or "'o'" in k or "lm_head" in k} == {"float32"}
+    assert {d for k, d in dtypes.items() if "norm" in k} == {"bfloat16"}
+    assert dtypes["['embed'].value"] == "uint16"
+    assert sum("'q'" in k for k in dtypes) == cfg.num_layers  # one array per layer
+
+    p = _prompt(30, 4)
+    tokens, positions = pad_left([p], 32, 0)
+    logits = [
+        _prefill_chunk(g.graphdef, g.state, KVCache.init(cfg, 1, 64), tokens, positions)[0] for g in (fast, plain)
+    ]
+    assert logits[0].dtype == jnp.float32  # bf16 products, rounded as the model's arrays' (XLA fuses the unrolled
+    np.testing.assert_allclose(*jax.device_get(logits), atol=5e-3)  # layers apart: a bf16 ulp here and there)
+
+    prompts = [_prompt(25, 1), _prompt(7, 2)]
+    for sampling in (None, SAMPLED):
+        kw = dict(max_new_tokens=10, stop_ids=(), sampling=sampling, seed=5)
+        want = plain.generate(prompts, **kw).ids
+        assert fast.generate(prompts, **kw).ids == want
+        assert fast.generate_streaming(prompts, **kw).ids == want
+    bf16_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+    def temp(g, name):  # of the greedy decode (sampling adds its own work buffers)
+        (key,) = [k for k in g._keys if k[0] == name and k[1].sampling == SamplingParams()]
+        return _COMPILED[key].memory_analysis().temp_size_in_bytes
+
+    temps = (temp(fast, "loop"), temp(fast, "step"), temp(plain, "loop"))
+    assert max(temps[:2]) < 0.25 * bf16_bytes < bf16_bytes < temps[2], temps

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -562,7 +562,8 @@ def _restore(
 def _fused(arrays: Iterator[tuple[str, object]], cfg: Config, copies: int, shardings: dict) -> dict:
     """The flat parameters of `cfg.model_layout(copies)` from (name, array) of the stored layout: each FUSED array
     made on the devices (one jitted program, out_shardings its own) as soon as its last part arrives, and its parts
-    dropped; in the order of `fusing_order`, the devices hold at most one fused array's parts beyond the model."""
+    dropped; in the order of `fusing_order` (the fused arrays first), the devices hold at most one fused array's
+    parts beyond what is loaded."""
     import jax
 
     from glm4_jax.model import fuse
@@ -582,16 +583,27 @@ def _fused(arrays: Iterator[tuple[str, object]], cfg: Config, copies: int, shard
     return {name: out[name] for name in cfg.model_layout(copies)}
 
 
+def fused_first(names: Sequence[str], nbytes: Callable[[str], int]) -> list[str]:
+    """`names` with the parts of each FUSED array next to each other and first, the largest fused array first,
+    then the other names in their order. Loading in this order fuses the big arrays while little else is on the
+    devices: the parts and the fused array of `gate_up` (the largest) are held at once before the rest arrives,
+    so the peak while loading is about the larger of the model's bytes and twice the largest fused array
+    (GLM-4-9B in bfloat16: 18.0 GB for gate_up against 18.8 GB for the model), not the model plus its parts."""
+    groups = [[p for p in parts if p in names] for parts in FUSED.values()]
+    groups = sorted((g for g in groups if g), key=lambda g: -sum(nbytes(p) for p in g))
+    first = [p for g in groups for p in g]
+    return first + [n for n in names if n not in first]
+
+
 def fusing_order(cfg: Config) -> list[str]:
-    """The stored arrays of `cfg` with the parts of each FUSED array next to each other (for `_fused`)."""
-    stored = list(cfg.stored_layout())
-    owner = {part: path for path, parts in FUSED.items() for part in parts}
-    order = []
-    for name in stored:
-        if name in order:
-            continue
-        order += [p for p in FUSED[owner[name]] if p in stored] if name in owner else [name]
-    return order
+    """The stored arrays of `cfg` in the order `load` reads them (`fused_first`)."""
+    stored = cfg.stored_layout()
+
+    def nbytes(name: str) -> int:
+        shape, _, dtype = stored[name]
+        return math.prod(shape) * np.dtype(np_dtype(dtype)).itemsize
+
+    return fused_first(list(stored), nbytes)
 
 
 def data_error(path: pathlib.Path, error: BaseException) -> CheckpointError:
@@ -650,7 +662,9 @@ def _quantized_arrays(path: pathlib.Path, cfg: Config, target: Config) -> Iterat
     from glm4_jax import quant
 
     stored = target.stored_layout()
-    for name, (shape, _) in cfg.param_layout().items():
+    layout = cfg.param_layout()
+    for name in fused_first(list(layout), lambda n: math.prod(layout[n][0])):
+        shape = layout[name][0]
         array_dir = path / PARAMS_DIR / name.replace("/", ".")
         full = tuple(slice(0, n) for n in shape)
         contracted = QUANTIZED.get(name)

@@ -155,6 +155,33 @@ def test_checkpoint_keeps_the_parts_and_loads_fused(tmp_path):
     assert checkpoint.fusing_order(CFG).index("layers/up") == checkpoint.fusing_order(CFG).index("layers/gate") + 1
 
 
+def test_load_fuses_the_largest_array_first(tmp_path, monkeypatch):
+    """Both load paths (stored arrays, and quantized while loading) hand the fuser gate and up first (gate_up is
+    the largest fused array), so its parts are on the devices while little else is: the load's peak stays near
+    the model's bytes instead of the model plus gate and up."""
+    checkpoint.save(tmp_path / "ckpt", init_model(CFG, seed=4), CFG)
+    seen, real = {}, checkpoint._fused
+
+    def spy(arrays, cfg, copies, shardings):
+        names = []
+
+        def recorded():
+            for name, array in arrays:
+                names.append(name)
+                yield name, array
+
+        out = real(recorded(), cfg, copies, shardings)
+        seen[cfg.quant] = names
+        return out
+
+    monkeypatch.setattr(checkpoint, "_fused", spy)
+    checkpoint.load(tmp_path / "ckpt")
+    checkpoint.load(tmp_path / "ckpt", quantize="int8")
+    assert seen[None][:5] == ["layers/gate", "layers/up", "layers/q", "layers/k", "layers/v"]
+    assert seen["int8"][:4] == ["layers/gate", "layers/gate_scale", "layers/up", "layers/up_scale"]
+    assert sorted(seen[None]) == sorted(CFG.stored_layout())
+
+
 # ---- the compiled decode step -----------------------------------------------------------------------------------
 
 

@@ -47,14 +47,16 @@ def test_chunk_shape(shape, axes, want):
 
 
 def test_param_layout_is_the_models():
-    """Config.param_layout, which the writer and the converter read without JAX, is the model's own tree."""
+    """Config.model_layout is the model's own tree (q/k/v and gate/up fused), and Config.param_layout, which the
+    writer and the converter read without JAX, the tree that checkpoint.expected_params gives (the stored parts)."""
     cfg = Config.glm_4_9b_chat()
     model = abstract_model(cfg)
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     got = {name: (tuple(a.shape), axes) for (name, a), (_, axes) in zip(
         flatten(shapes), flatten(param_axes(model)), strict=True
     )}  # fmt: skip
-    assert got == cfg.param_layout()
+    assert got == {name: (shape, axes) for name, (shape, axes, _) in cfg.model_layout().items()}
+    assert {"layers/qkv", "layers/gate_up"} <= set(got) and not {"layers/q", "layers/gate"} & set(got)
     assert {n: a.shape for n, a in flatten(checkpoint.expected_params(cfg))} == {
         n: s for n, (s, _) in cfg.param_layout().items()
     }
